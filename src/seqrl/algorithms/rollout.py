@@ -1,0 +1,193 @@
+"""Rollouts: G sampled responses per prompt, batched and KV-cached, in one padded batch structure.
+
+Registry `ROLLOUTS` maps a rollout config name (`rollout.name`) to a function
+`(policy, samples, cfg, *, n, greedy) -> RolloutBatch`. The standard rollout (GRPO, arXiv 2402.03300, section 4.1:
+G outputs sampled from the old policy per question) calls the model's own `generate` with the KV cache; EqLen
+(arXiv 2604.17328) registers its own entry. Every consumer (advantages, losses, evaluation) reads only
+`RolloutBatch`, so a rollout mode plugs in without any loss knowing about it.
+
+Layout: row r = [left-padded prompt (P) | right-padded response (T)]; `response_mask` marks the response tokens up to
+and including the first end-of-sequence token. Log-probabilities are computed at the sampling temperature (logits / T)
+so that the on-policy importance ratio is exactly 1.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+ROLLOUTS: dict[str, Callable] = {}
+
+
+def register_rollout(name: str):
+    def deco(fn):
+        ROLLOUTS[name] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class RolloutBatch:
+    samples: list  # one seqrl.data.Sample per row (N rows)
+    input_ids: torch.Tensor  # (N, P+T)
+    attention_mask: torch.Tensor  # (N, P+T)
+    response_mask: torch.Tensor  # (N, T) float, 1 on trained response tokens
+    prompt_len: int  # P
+    group_ids: torch.Tensor  # (N,) long: rows sharing a prompt (or an EqLen comparison unit)
+    texts: list[str]  # decoded responses
+    truncated: torch.Tensor  # (N,) bool: no end-of-sequence within the budget
+    mm: dict = field(default_factory=dict)  # multimodal tensors (pixel_values, image_grid_thw)
+    gen_seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]  # (N, T)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1)  # (N,)
+
+    def select(self, rows: torch.Tensor) -> "RolloutBatch":
+        """The sub-batch of `rows` (a 1-D long tensor), multimodal tensors included."""
+        idx = rows.tolist()
+        return replace(
+            self,
+            samples=[self.samples[i] for i in idx],
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            response_mask=self.response_mask[rows],
+            group_ids=self.group_ids[rows],
+            texts=[self.texts[i] for i in idx],
+            truncated=self.truncated[rows],
+            mm=_select_mm(self.mm, idx, [len(s.images or []) for s in self.samples]),
+        )
+
+
+def _select_mm(mm: dict, rows: list[int], images_per_row: list[int]) -> dict:
+    """Select the image rows of Qwen-VL style inputs: pixel_values are the rows' patches concatenated."""
+    if not mm:
+        return mm
+    grid = mm["image_grid_thw"]  # (n_images, 3)
+    patches = grid.prod(-1)  # (n_images,)
+    img_start = torch.tensor([0] + images_per_row).cumsum(0)
+    patch_start = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
+    imgs = [i for r in rows for i in range(int(img_start[r]), int(img_start[r + 1]))]
+    pix = [mm["pixel_values"][patch_start[i]:patch_start[i + 1]] for i in imgs]
+    return {"pixel_values": torch.cat(pix), "image_grid_thw": grid[imgs]}
+
+
+def response_mask_from(responses: torch.Tensor, stop_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of response tokens up to and including the first stop token; truncated = no stop token in the row."""
+    is_eos = torch.isin(responses, torch.as_tensor(stop_ids))  # (N, T)
+    seen_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # (N, T) an EOS strictly earlier
+    return (~seen_before).float(), ~is_eos.any(1)
+
+
+@torch.no_grad()
+def hf_generate(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> RolloutBatch:
+    """Sample `n` responses per sample with the model's KV-cached `generate`, rows grouped by prompt.
+
+    cfg needs max_new_tokens, temperature, top_p, top_k (seqrl.config.RolloutConfig or EvalConfig).
+    """
+    rows = [s for s in samples for _ in range(n)]
+    images = [s.images or [] for s in rows]
+    enc = policy.encode_prompts([s.prompt for s in rows], images if any(images) else None)
+    P = enc["input_ids"].shape[1]
+    model = policy.model
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    sampling = {} if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=getattr(cfg, "top_k", 0))
+    out = model.generate(
+        **enc, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, use_cache=True,
+        pad_token_id=policy.pad_token_id, eos_token_id=policy.stop_token_ids, **sampling,
+    )  # (N, P+T)
+    gen_seconds = time.perf_counter() - t0
+    model.train(was_training)
+    responses = out[:, P:]
+    mask, truncated = response_mask_from(responses, policy.stop_token_ids)
+    responses = torch.where(mask.bool(), responses, torch.full_like(responses, policy.pad_token_id))
+    attention = torch.cat([enc["attention_mask"], mask.long()], 1)
+    texts = policy.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    mm = {k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}
+    return RolloutBatch(
+        samples=rows, input_ids=torch.cat([enc["input_ids"], responses], 1), attention_mask=attention,
+        response_mask=mask, prompt_len=P, group_ids=torch.arange(len(samples)).repeat_interleave(n),
+        texts=texts, truncated=truncated, mm=mm, gen_seconds=gen_seconds,
+    )
+
+
+@register_rollout("standard")
+def standard_rollout(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> RolloutBatch:
+    """GRPO-style group sampling (arXiv 2402.03300): n i.i.d. samples per prompt from the current policy."""
+    return hf_generate(policy, samples, cfg, n=n, greedy=greedy)
+
+
+def cat_rollouts(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Concatenate rollouts (dynamic-sampling refills), re-padding prompts on the left and responses on the right."""
+    P = max(b.prompt_len for b in batches)
+    T = max(b.response_mask.shape[1] for b in batches)
+
+    def pad(b: RolloutBatch, x: torch.Tensor, value) -> torch.Tensor:
+        left, right = P - b.prompt_len, T - b.response_mask.shape[1]
+        return torch.nn.functional.pad(x, (left, right), value=value)
+
+    offset, gids = 0, []
+    for b in batches:
+        gids.append(b.group_ids + offset)
+        offset += int(b.group_ids.max()) + 1 if len(b) else 0
+    return RolloutBatch(
+        samples=[s for b in batches for s in b.samples],
+        input_ids=torch.cat([pad(b, b.input_ids, pad_id) for b in batches]),
+        attention_mask=torch.cat([pad(b, b.attention_mask, 0) for b in batches]),
+        response_mask=torch.cat([torch.nn.functional.pad(b.response_mask, (0, T - b.response_mask.shape[1]))
+                                 for b in batches]),
+        prompt_len=P, group_ids=torch.cat(gids), texts=[t for b in batches for t in b.texts],
+        truncated=torch.cat([b.truncated for b in batches]),
+        mm={k: torch.cat([b.mm[k] for b in batches]) for k in batches[0].mm},
+        gen_seconds=sum(b.gen_seconds for b in batches),
+    )
+
+
+def response_logprobs(policy, batch: RolloutBatch, temperature: float, entropy: bool = False):
+    """Per-token log pi(y_t | y_<t) of the response at `temperature`, and optionally the token entropy.
+
+    Uses log-softmax via logsumexp + gather (no second full-vocabulary copy). Returns ((N, T), (N, T) | None).
+    """
+    out = policy.forward(batch.input_ids, batch.attention_mask, **batch.mm)
+    P = batch.prompt_len
+    logits = out.logits[:, P - 1:-1].float() / temperature  # (N, T, V)
+    lse = logits.logsumexp(-1)  # (N, T)
+    logp = logits.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1) - lse  # (N, T)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            probs = (logits - lse.unsqueeze(-1)).exp()
+            ent = lse - (probs * logits).sum(-1)  # (N, T)
+    return logp, ent, out
+
+
+def rollout_from_texts(policy, samples: list, responses: list[str]) -> RolloutBatch:
+    """A RolloutBatch holding given response texts (teacher forcing: warm-up, tests), each closed by EOS."""
+    images = [s.images or [] for s in samples]
+    enc = policy.encode_prompts([s.prompt for s in samples], images if any(images) else None)
+    ids = [policy.tokenizer(r, add_special_tokens=False)["input_ids"] + [policy.eos_token_id] for r in responses]
+    T = max(map(len, ids))
+    resp = torch.full((len(ids), T), policy.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), T)
+    for i, row in enumerate(ids):
+        resp[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return RolloutBatch(
+        samples=list(samples), input_ids=torch.cat([enc["input_ids"], resp], 1),
+        attention_mask=torch.cat([enc["attention_mask"], mask.long()], 1), response_mask=mask,
+        prompt_len=enc["input_ids"].shape[1], group_ids=torch.arange(len(samples)), texts=list(responses),
+        truncated=torch.zeros(len(samples), dtype=torch.bool),
+        mm={k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc},
+    )

@@ -1,0 +1,83 @@
+"""Shared plumbing of the three Hydra entry points: where the configs live, and the one-line pre-check.
+
+Hydra reports composition errors over several lines (and a stack-trace hint). Before handing control to
+`@hydra.main`, `precheck` composes the same config with Hydra's compose API, runs `seqrl.config.validate`, and turns
+any failure into one line: what is wrong and what is allowed. Nothing heavy (no model, no data) is touched.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+_PKG = Path(__file__).resolve().parent
+
+
+def conf_dir() -> Path:
+    """The config directory: $SEQRL_CONF_DIR, else the copy inside an installed wheel, else the repository's conf/."""
+    env = os.environ.get("SEQRL_CONF_DIR")
+    for cand in ([Path(env)] if env else []) + [_PKG / "conf", _PKG.parent.parent / "conf"]:
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError("seqrl: no config directory found (set SEQRL_CONF_DIR)")
+
+
+def group_options(group: str) -> list[str]:
+    """The option names of a config group (the YAML files under conf/<group>/)."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _one_line(exc: BaseException) -> str:
+    """A one-line description of a composition or validation failure."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    msg = str(exc)
+    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", msg)
+    if isinstance(exc, MissingConfigException) and missing:
+        group, name = missing.group(1).strip("/"), missing.group(2)
+        return f"{group}={name}: unknown option; allowed: {', '.join(group_options(group))}"
+    cause = exc
+    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None)
+        first = str(cause).splitlines()[0]
+        if "Key '" in first and "not in" in first:
+            return f"{key}: unknown key ({first})"
+        return f"{key}: {first}" if key else first
+    return " ".join(msg.split())
+
+
+def precheck(config_name: str, argv: list[str]) -> None:
+    """Compose `config_name` with the command-line overrides and validate it; exit 2 with one line on failure.
+
+    Skipped when any Hydra flag is given (--help, --cfg, -m, --config-dir, ...): the task validates itself then.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from seqrl.config import register_configs, validate
+
+    if any(a.startswith("-") for a in argv):
+        return
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(argv))
+        validate(cfg)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line
+        print(f"seqrl-{config_name}: error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_entry(config_name: str, task: Callable) -> None:
+    """Pre-check, then run `task` under `@hydra.main` (so -m, --cfg job, --help and overrides behave as usual)."""
+    import hydra
+
+    from seqrl.config import register_configs
+
+    precheck(config_name, sys.argv[1:])
+    register_configs()
+    hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)()

@@ -1,0 +1,249 @@
+"""Typed schemas for every config group, registered with Hydra's ConfigStore.
+
+The root schema `TrainConfig` types each group, so a misspelt key or a wrong type fails when Hydra composes the
+config; range and cross-field checks run in `validate()` (and in each dataclass's `__post_init__`), before any model
+is built. `conf/train.yaml` and `conf/eval.yaml` name these schemas first in their defaults lists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from seqrl.algorithms.config import AlgorithmConfig
+
+ANSWER_KINDS = ("math", "int", "number", "choice", "multi_choice")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise the one-line error every bad value gets: the key, the value and what is allowed."""
+    if not ok:
+        raise ValueError(f"{key}={value!r}: {allowed}")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, key, value, "allowed: " + ", ".join(map(str, allowed)))
+
+
+@dataclass
+class ModelConfig:
+    family: str = "dense"  # dense | moe | vl (registry key in seqrl.models)
+    name_or_path: Optional[str] = None  # HF id or local dir; None = random init from `arch`
+    local_dir: Optional[str] = None  # overrides name_or_path (offline users, seqrl HF exports)
+    tokenizer: str = "char"  # char = built in code; auto = the checkpoint's own
+    arch: Dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        _one_of("model.family", self.family, ("dense", "moe", "vl"))
+        _one_of("model.tokenizer", self.tokenizer, ("char", "auto"))
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class DataConfig:
+    name: str = "arith"
+    source: str = "generated"  # generated | local | hf
+    task: Optional[str] = None
+    task_kwargs: Dict[str, Any] = field(default_factory=dict)
+    path: Optional[str] = None
+    hf_id: Optional[str] = None
+    hf_config: Optional[str] = None
+    split: str = "train"
+    fields: Dict[str, str] = field(default_factory=lambda: {"prompt": "question", "answer": "answer"})
+    image_field: Optional[str] = None
+    modality: str = "text"  # text | image (image items need model.family=vl)
+    answer_kind: str = "int"
+    prompt_template: str = "{prompt}"
+    n_train: Optional[int] = None
+    n_eval: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of(f"{self.name}.source", self.source, ("generated", "local", "hf"))
+        _one_of(f"{self.name}.answer_kind", self.answer_kind, ANSWER_KINDS)
+        _one_of(f"{self.name}.modality", self.modality, ("text", "image"))
+        _check(self.n_eval >= 0, f"{self.name}.n_eval", self.n_eval, "must be >= 0")
+
+
+@dataclass
+class BenchmarkConfig(DataConfig):
+    """A benchmark is a data source plus how to score it (lm-eval style: data + one scoring function)."""
+
+    ks: List[int] = field(default_factory=lambda: [1])  # pass@k / maj@k values to report
+
+
+@dataclass
+class RolloutConfig:
+    name: str = "standard"  # registry key in seqrl.algorithms.rollout: standard | eqlen
+    engine: str = "hf"  # hf | vllm
+    group_size: int = 8  # G responses per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of("rollout.engine", self.engine, ("hf", "vllm"))
+        _check(self.group_size >= 1, "rollout.group_size", self.group_size, "must be >= 1")
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 (sampling)")
+        _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
+
+
+@dataclass
+class EvalConfig:
+    name: str = "smoke"
+    benchmarks: Dict[str, BenchmarkConfig] = field(default_factory=dict)
+    heldout: bool = True  # seqrl-train also scores the held-out split of its training data
+    n_samples: int = 1  # k samples per item
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    every_n_steps: int = 0  # 0 = only at the end of training
+    limit: Optional[int] = None  # cap items per benchmark
+    grading_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.n_samples >= 1, "eval.n_samples", self.n_samples, "must be >= 1")
+        _check(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        _check(self.every_n_steps >= 0, "eval.every_n_steps", self.every_n_steps, "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0  # linear LR warm-up, in optimizer steps
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclass
+class WarmupConfig:
+    """Supervised warm-up on a generated task's demonstrations, cached on disk keyed by its config."""
+
+    enabled: bool = False
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    worked_frac: float = 0.5  # share of worked (long) vs direct (short) demonstrations
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "warmup.steps", self.steps, "must be >= 0")
+        _check(0 <= self.worked_frac <= 1, "warmup.worked_frac", self.worked_frac, "must be in [0, 1]")
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer kwargs; `max_steps` counts RL steps (rollouts), not optimizer steps."""
+
+    _target_: str = "lightning.Trainer"
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    precision: Any = "32-true"
+    max_steps: int = 20
+    log_every_n_steps: int = 1
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = False
+    num_sanity_val_steps: int = 0
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1")
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    data_dir: str = "../shared/benchmarks"
+    cache_dir: str = "~/.cache/seqrl"
+    output_dir: Optional[str] = None  # the Hydra run directory, filled in at run time
+
+
+@dataclass
+class TrainConfig:
+    algorithm: AlgorithmConfig = MISSING
+    rollout: RolloutConfig = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    eval: EvalConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: Dict[str, Any] = field(default_factory=dict)  # name -> Lightning logger kwargs with _target_
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    prompts_per_step: int = 8
+    sample_table_every: int = 10  # log a W&B table of completions every N RL steps (0 = never)
+    ckpt_path: Optional[str] = None  # resume from this Lightning checkpoint ("last" = the run dir's last.ckpt)
+    task_name: str = "train"
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalRunConfig:
+    model: ModelConfig = MISSING
+    eval: EvalConfig = MISSING
+    data: Optional[DataConfig] = None  # with eval.heldout, its held-out split is scored too
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    logger: Dict[str, Any] = field(default_factory=dict)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    checkpoint: Optional[str] = None  # a Lightning .ckpt or an HF export directory
+    seed: int = 0
+    task_name: str = "eval"
+    tags: List[str] = field(default_factory=list)
+
+
+def register_configs() -> None:
+    """Register the schemas and the `${seqrl_root:}` resolver (the project root: conf/'s parent directory)."""
+    from seqrl.cli import conf_dir
+
+    OmegaConf.register_new_resolver("seqrl_root", lambda: str(conf_dir().parent), replace=True)
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalRunConfig)
+
+
+def validate(cfg: DictConfig) -> Any:
+    """Instantiate the schema dataclasses (running every `__post_init__` check) and the cross-group checks.
+
+    Returns the typed object. Raises ValueError with one line naming the key, the value and what is allowed.
+    """
+    from seqrl.algorithms import ADVANTAGES  # registry of advantage estimators
+
+    obj = OmegaConf.to_object(cfg)
+    if isinstance(obj, TrainConfig):
+        _check(obj.prompts_per_step >= 1, "prompts_per_step", obj.prompts_per_step, "must be >= 1")
+        if obj.algorithm.group_relative:
+            _check(obj.rollout.group_size >= 2, "rollout.group_size", obj.rollout.group_size,
+                   f"algorithm {obj.algorithm.name} uses a group-relative advantage "
+                   f"({obj.algorithm.advantage}); allowed: >= 2")
+        _one_of("algorithm.advantage", obj.algorithm.advantage, tuple(sorted(ADVANTAGES)))
+        if obj.warmup.enabled:
+            _check(obj.data.source == "generated", "warmup.enabled", True,
+                   f"needs a generated task with demonstrations (data.source={obj.data.source!r})")
+    from seqrl.data import check_data_source
+
+    data_dir = str(Path(obj.paths.data_dir).expanduser())
+    for b in [getattr(obj, "data", None), *obj.eval.benchmarks.values()]:
+        if b is None:
+            continue
+        if b.modality == "image":
+            _check(obj.model.family == "vl", f"{b.name}.modality", "image",
+                   f"needs a vision-language model (model.family=vl), got model.family={obj.model.family}")
+        check_data_source(b, data_dir)
+    return obj

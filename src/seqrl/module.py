@@ -1,0 +1,211 @@
+"""The one RLModule: rollout -> reward -> advantage -> PPO minibatch updates, with Lightning manual optimisation.
+
+Each Lightning training step is one RL step on `prompts_per_step` prompts:
+1. rollout (registry `seqrl.algorithms.rollout.ROLLOUTS[cfg.rollout.name]`), G responses per prompt; with DAPO's
+   dynamic sampling, groups whose rewards are all equal are dropped and more prompts are drawn (up to
+   `algorithm.max_sampling_rounds` extra rounds; `train/sampling_rounds` logs how many were needed);
+2. rewards from the shared grader (`seqrl.eval.grading`, the same functions the evaluation harness uses), shaped by
+   `seqrl.algorithms.shape_rewards` (overlong punishment / filtering, format reward);
+3. advantages (`compute_advantages`), old log-probs fixed once per rollout (skipped when the update is exactly
+   on-policy: one epoch of one minibatch, where old = current, detached), optional frozen reference for KL;
+4. `ppo_epochs` x `ppo_minibatches` optimizer steps on `compute_policy_loss`, with gradient clipping.
+The module never branches on an algorithm's name: every variant is a registry entry selected by the config.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+import lightning as L
+import torch
+
+from seqrl.algorithms import compute_advantages, compute_policy_loss, dynamic_sampling_keep, shape_rewards
+from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, response_logprobs
+from seqrl.eval.grading import format_reward, grade_many
+from seqrl.eval.harness import EvalSet, evaluate_rollout, generate_for_eval
+
+
+class RLModule(L.LightningModule):
+    def __init__(self, cfg, policy, train_samples: list, eval_sets: list[EvalSet] | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg, self.algo = cfg, cfg.algorithm
+        self.policy = policy
+        self.model = policy.model  # registered so Lightning moves, saves and restores it
+        self.ref = None
+        if self.algo.kl_coef > 0:
+            self.ref = copy.deepcopy(policy.model).eval().requires_grad_(False)
+        self.train_samples = train_samples
+        self.eval_sets = eval_sets or []
+        self.rollout_fn = ROLLOUTS[cfg.rollout.name]
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # draws refill prompts and minibatch orders
+        self._eval_records: dict[int, list] = {}
+        self.eval_results: dict[str, dict] = {}
+        self.last_train_metrics: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- data
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(
+            self.train_samples, batch_size=self.cfg.prompts_per_step, shuffle=True, drop_last=True,
+            collate_fn=list, generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+    def val_dataloader(self):
+        bs = max(1, self.cfg.eval.batch_size // self.cfg.eval.n_samples)
+        return [torch.utils.data.DataLoader(es.samples, batch_size=bs, collate_fn=list) for es in self.eval_sets]
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        warm = max(1, o.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    # ------------------------------------------------------------- rollout
+    def _grade(self, roll) -> dict[str, torch.Tensor]:
+        golds = [s.answer for s in roll.samples]
+        kinds = [s.kind for s in roll.samples]
+        correct = torch.tensor(grade_many(roll.texts, golds, kinds), dtype=torch.float32)
+        fmt = torch.tensor([format_reward(t) for t in roll.texts], dtype=torch.float32)
+        rewards, keep = shape_rewards(self.algo, correct, roll.lengths, self.cfg.rollout.max_new_tokens,
+                                      roll.truncated, format_ok=fmt)
+        return {"correct": correct, "rewards": rewards, "keep": keep}
+
+    def _draw_prompts(self, k: int) -> list:
+        idx = torch.randint(len(self.train_samples), (k,), generator=self.gen).tolist()
+        return [self.train_samples[i] for i in idx]
+
+    def _rollout(self, prompts: list):
+        """Rollout with optional dynamic sampling: keep groups with reward variance, refill, cap at len(prompts)."""
+        G, rounds = self.cfg.rollout.group_size, 0
+        rolls, grades, n_groups = [], [], 0
+        while True:
+            roll = self.rollout_fn(self.policy, prompts, self.cfg.rollout, n=G)
+            g = self._grade(roll)
+            rounds += 1
+            if self.algo.dynamic_sampling:
+                informative = dynamic_sampling_keep(g["rewards"], roll.group_ids)
+                roll, g = roll.select(informative.nonzero().squeeze(1)), {k: v[informative] for k, v in g.items()}
+            rolls.append(roll), grades.append(g)
+            n_groups += int(roll.group_ids.unique().numel()) if len(roll) else 0
+            done = not self.algo.dynamic_sampling or n_groups >= len(prompts)
+            if done or rounds > self.algo.max_sampling_rounds:
+                break
+            prompts = self._draw_prompts(len(prompts) - n_groups)
+        rolls_grades = [(r, g) for r, g in zip(rolls, grades) if len(r)]
+        if not rolls_grades:
+            return None, {}, rounds
+        roll = cat_rollouts([r for r, _ in rolls_grades], self.policy.pad_token_id)
+        g = {k: torch.cat([gg[k] for _, gg in rolls_grades]) for k in grades[0]}
+        if roll.group_ids.unique().numel() > self.cfg.prompts_per_step:  # refills overshoot: trim whole groups
+            rows = (roll.group_ids < roll.group_ids.unique()[self.cfg.prompts_per_step]).nonzero().squeeze(1)
+            roll, g = roll.select(rows), {k: v[rows] for k, v in g.items()}
+        return roll, g, rounds
+
+    # --------------------------------------------------------------- train
+    def training_step(self, batch: list, batch_idx: int):
+        t0 = time.perf_counter()
+        roll, g, rounds = self._rollout(batch)
+        if roll is None:  # every group was constant even after refills: nothing to learn from this step
+            self.log("train/skipped_steps", 1.0, on_step=True)
+            return
+        adv = compute_advantages(self.algo, g["rewards"], roll.group_ids)  # (N,)
+        mask = roll.response_mask * g["keep"].unsqueeze(1)  # (N, T) overlong filtering removes rows
+        temp = self.cfg.rollout.temperature
+        n_updates = self.algo.ppo_epochs * self.algo.ppo_minibatches
+        old_logp = ref_logp = None
+        with torch.no_grad():
+            if n_updates > 1:
+                old_logp = response_logprobs(self.policy, roll, temp)[0]
+            if self.ref is not None:
+                ref_logp = response_logprobs(self._ref_policy(), roll, temp)[0]
+        metrics = self._update(roll, adv, mask, old_logp, ref_logp)
+        metrics.update(self._rollout_metrics(roll, g, rounds))
+        metrics["perf/step_s"] = time.perf_counter() - t0
+        metrics["perf/tokens_per_s"] = float(roll.attention_mask.sum()) / metrics["perf/step_s"]
+        metrics["train/rl_step"] = float(batch_idx)
+        self.last_train_metrics = metrics
+        self.log_dict(metrics, on_step=True, prog_bar=False)
+        self.log_dict({"reward": metrics["train/reward/mean"], "len": metrics["train/response_length/mean"]},
+                      prog_bar=True, logger=False)
+        self._maybe_log_samples(roll, g)
+
+    def _ref_policy(self):
+        return dataclasses.replace(self.policy, model=self.ref)
+
+    def _update(self, roll, adv, mask, old_logp, ref_logp) -> dict[str, float]:
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        N, sums, count = len(roll), {}, 0
+        for _ in range(self.algo.ppo_epochs):
+            order = torch.randperm(N, generator=self.gen)
+            for rows in order.chunk(self.algo.ppo_minibatches):
+                mb = roll.select(rows)
+                logp, ent, out = response_logprobs(self.policy, mb, self.cfg.rollout.temperature, entropy=True)
+                old = old_logp[rows] if old_logp is not None else logp.detach()
+                ref = ref_logp[rows] if ref_logp is not None else None
+                loss, m = compute_policy_loss(self.algo, logp, old, adv[rows], mask[rows], ref_logp=ref,
+                                              norm_const=self._norm_const())
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                clip = self.cfg.optim.grad_clip
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+                opt.step()
+                sched.step()
+                tok = mask[rows]
+                m["train/entropy"] = float((ent * tok).sum() / tok.sum().clamp(min=1))
+                m["train/grad_norm"] = float(norm)
+                m["train/loss"] = float(loss.detach())
+                m.update(self.policy.router_metrics(out, mb.attention_mask))
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+        metrics = {k: v / count for k, v in sums.items()}
+        metrics["train/lr"] = sched.get_last_lr()[0]
+        return metrics
+
+    def _norm_const(self):
+        return self.algo.norm_const if self.algo.norm_const is not None else self.cfg.rollout.max_new_tokens
+
+    def _rollout_metrics(self, roll, g, rounds) -> dict[str, float]:
+        lengths, r = roll.lengths, g["rewards"]
+        gid = roll.group_ids
+        groups = gid.unique()
+        zero_std = sum(bool(r[gid == k].std(unbiased=False) == 0) for k in groups) / len(groups)
+        return {
+            "train/reward/mean": float(r.mean()), "train/reward/std": float(r.std(unbiased=False)),
+            "train/accuracy": float(g["correct"].mean()),
+            "train/response_length/mean": float(lengths.mean()), "train/response_length/min": float(lengths.min()),
+            "train/response_length/max": float(lengths.max()),
+            "train/response_length/clip_ratio": float(roll.truncated.float().mean()),
+            "train/frac_reward_zero_std": float(zero_std), "train/sampling_rounds": float(rounds),
+            "train/kept_frac": float(g["keep"].float().mean()), "perf/gen_s": roll.gen_seconds,
+            "perf/gen_tokens_per_s": float(lengths.sum()) / max(roll.gen_seconds, 1e-9),
+        }
+
+    def _maybe_log_samples(self, roll, g) -> None:
+        every = self.cfg.sample_table_every
+        step = self.trainer.global_step
+        if every <= 0 or (self.current_rl_step() % every):
+            return
+        rows = [[step, s.prompt, t, s.answer, float(rw)] for s, t, rw in zip(roll.samples, roll.texts, g["rewards"])]
+        for logger in self.loggers:
+            if hasattr(logger, "log_table"):
+                logger.log_table("train/samples", columns=["step", "prompt", "completion", "gold", "reward"],
+                                 data=rows[:16], step=step)
+
+    def current_rl_step(self) -> int:
+        return self.trainer.global_step // (self.algo.ppo_epochs * self.algo.ppo_minibatches)
+
+    # ---------------------------------------------------------- validation
+    def validation_step(self, batch: list, batch_idx: int, dataloader_idx: int = 0):
+        roll = generate_for_eval(self.policy, batch, self.cfg.eval)
+        self._eval_records.setdefault(dataloader_idx, []).append(roll)
+
+    def on_validation_epoch_end(self):
+        for i, rolls in sorted(self._eval_records.items()):
+            es = self.eval_sets[i]
+            result = evaluate_rollout(es, rolls, self.cfg.eval)
+            self.eval_results[es.name] = result
+            self.log_dict({f"eval/{es.name}/{k}": v for k, v in result["metrics"].items()})
+        self._eval_records = {}

@@ -1,0 +1,120 @@
+"""`seqrl-train`: warm up, RL-train and evaluate one algorithm on one model and data set (a Hydra app).
+
+    seqrl-train experiment=smoke                          # the CPU demo (< 5 min on 2 cores)
+    seqrl-train experiment=smoke algorithm=gspo model=tiny_moe
+    seqrl-train --cfg job                                 # print the composed config
+    seqrl-train -m algorithm=grpo,gspo,luspo seed=0,1,2   # a multirun sweep
+
+Writes into the Hydra run directory: checkpoints/ (Lightning, last.ckpt), hf/ (HF-format export of the final
+policy with its tokenizer/processor), samples/<benchmark>.jsonl, wandb/ (offline unless configured), csv/ and
+results.json (config, seed, git commit, versions, final train and eval metrics).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("seqrl")
+
+
+def run_name(cfg) -> str:
+    """W&B / table row name: the algorithm, with `+<rollout>` for non-standard rollouts (e.g. gspo+eqlen)."""
+    suffix = "" if cfg.rollout.name == "standard" else f"+{cfg.rollout.name}"
+    return f"{cfg.algorithm.name}{suffix}"
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one training job from a composed config; returns the results dict written to results.json."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from seqrl.config import validate
+    from seqrl.data import load_samples
+    from seqrl.eval.harness import build_eval_sets, results_table, write_samples
+    from seqrl.loggers import build_loggers, wandb_logger
+    from seqrl.models import build_policy
+    from seqrl.module import RLModule
+    from seqrl.results import provenance, write_json_atomic, write_text_atomic
+    from seqrl.warmup import warmup
+
+    out = Path(cfg.paths.output_dir)
+    c = validate(cfg)
+    data_dir = str(Path(c.paths.data_dir).expanduser())
+    L.seed_everything(c.seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(False)
+    policy = build_policy(c.model)
+    warm = warmup(policy, c, log=log.info) if c.warmup.enabled else None
+    train_samples = load_samples(c.data, "train", data_dir)
+    eval_sets = build_eval_sets(c.eval, c.data, data_dir)
+    module = RLModule(c, policy, train_samples, eval_sets)
+    name = run_name(c)
+    updates = c.algorithm.ppo_epochs * c.algorithm.ppo_minibatches
+    every = c.eval.every_n_steps
+    trainer = instantiate(
+        cfg.trainer, max_steps=c.trainer.max_steps * updates, max_epochs=-1, default_root_dir=str(out),
+        logger=build_loggers(cfg, out, name), check_val_every_n_epoch=None,
+        val_check_interval=every if every > 0 else c.trainer.max_steps * 1000,
+        callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=updates)],
+    )
+    before = {}
+    if eval_sets:
+        trainer.validate(module, verbose=False)
+        before = {k: v["metrics"] for k, v in module.eval_results.items()}
+    ckpt = str(out / "checkpoints" / "last.ckpt") if c.ckpt_path == "last" else c.ckpt_path
+    trainer.fit(module, ckpt_path=ckpt)
+    if eval_sets:
+        trainer.validate(module, verbose=False)
+    if trainer.is_global_zero:
+        policy.save(out / "hf")
+    results = {
+        "run_name": name, **provenance(OmegaConf.to_container(cfg, resolve=True), c.seed),
+        "warmup": warm, "train": module.last_train_metrics, "eval_before": before,
+        "eval": {k: v["metrics"] for k, v in module.eval_results.items()},
+        "rl_steps": module.current_rl_step(),
+    }
+    if trainer.is_global_zero:
+        write_samples(module.eval_results, out)
+        write_json_atomic(out / "results.json", results)
+        table = results_table(module.eval_results, title=f"{name} on {c.model.family} ({c.data.name}), seed {c.seed}")
+        if before:
+            table += "\n\n" + results_table({k: {"metrics": v} for k, v in before.items()}, title="before RL")
+        write_text_atomic(out / "results.md", table + "\n")
+        print("\n" + table + "\n", flush=True)
+        print(f"[seqrl] results: {out / 'results.json'}", flush=True)
+    wb = wandb_logger(trainer.loggers)
+    if wb is not None:
+        wb.experiment.finish()  # flush the offline run (summary + history) now, not at interpreter exit
+    return results
+
+
+def _task(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from seqrl.config import validate
+
+    cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        validate(cfg)
+    except ValueError as exc:  # config and data errors: one line, non-zero exit
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise
+        print(f"seqrl-train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    results = train(cfg)
+    first = next(iter(results["eval"].values()), {})
+    return first.get("avg@1")
+
+
+def main() -> None:
+    from seqrl.cli import run_entry
+
+    run_entry("train", _task)
+
+
+if __name__ == "__main__":
+    main()

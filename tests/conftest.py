@@ -1,0 +1,39 @@
+"""Shared fixtures: offline environment, a private warm-up cache, and config composition helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                  TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SEQRL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "seqrl-cache"))
+
+
+def compose(config_name: str, overrides: list[str] | None = None, config_dir: Path | None = None):
+    """Compose a config exactly as the CLI does (schemas registered, resolvers installed)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from seqrl.cli import conf_dir
+    from seqrl.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir or conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+
+
+def tiny_overrides(out: Path, *extra: str) -> list[str]:
+    """A seconds-long training run: tiny batch, short responses, a short cached warm-up, CSV + W&B offline."""
+    return [
+        "experiment=smoke", "trainer.max_steps=2", "prompts_per_step=4", "rollout.group_size=4",
+        "rollout.max_new_tokens=24", "warmup.steps=40", "warmup.batch_size=16", "eval.n_samples=2",
+        "eval.limit=8", "eval.max_new_tokens=24", "trainer.enable_progress_bar=false",
+        f"paths.output_dir={out}", *extra,
+    ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -49,16 +50,25 @@ def test_two_rl_steps_change_every_parameter(family, tmp_path, monkeypatch):
                 "train/grad_norm", "train/frac_reward_zero_std", "perf/tokens_per_s"):
         assert key in saved["train"], key
     bench = next(iter(saved["eval"]))
-    assert 0.0 <= saved["eval"][bench]["avg@1"] <= 1.0
+    assert 0.0 <= saved["eval"][bench]["avg@2"] <= 1.0  # eval.n_samples=2
     assert (tmp_path / "samples" / f"{bench}.jsonl").exists()
 
 
 def test_wandb_offline_and_csv_hold_the_logged_metrics(tmp_path):
     run_train(tmp_path)
-    summaries = list((tmp_path / "wandb").glob("offline-run-*/files/wandb-summary.json"))
-    assert summaries, list(tmp_path.rglob("*"))
-    summary = json.loads(summaries[0].read_text())
-    assert "train/reward/mean" in summary and "train/response_length/mean" in summary
+    from seqrl.loggers import read_offline_history
+
+    run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1, list(tmp_path.rglob("*"))
+    for _ in range(50):  # wandb-core may still be flushing the file for a moment after run.finish()
+        rows = read_offline_history(run_files[0])
+        train_rows = [r for r in rows if "train/reward/mean" in r]
+        if len(train_rows) >= 2:
+            break
+        time.sleep(0.2)
+    assert len(train_rows) == 2, [sorted(r) for r in rows]  # one row per RL step
+    assert all("train/response_length/mean" in r and "train/pg_clipfrac" in r for r in train_rows)
+    assert any("eval/arith/avg@2" in r for r in rows)
     metrics_csv = next((tmp_path / "csv").rglob("metrics.csv"))
     rows = list(csv.DictReader(metrics_csv.open()))
     assert any(r.get("train/reward/mean") for r in rows)

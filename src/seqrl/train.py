@@ -106,8 +106,8 @@ def _task(cfg: DictConfig) -> float | None:
         print(f"seqrl-train: error: {exc}", file=sys.stderr)
         sys.exit(2)
     results = train(cfg)
-    first = next(iter(results["eval"].values()), {})
-    return first.get("avg@1")
+    first = next(iter(results["eval"].values()), {})  # the sweeper's objective: avg@k of the first eval set
+    return first.get(f"avg@{cfg.eval.n_samples}")
 
 
 def main() -> None:

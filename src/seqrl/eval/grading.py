@@ -11,7 +11,9 @@ Cheap pre-filters (length, bracket nesting) reject absurd answers before sympy s
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
+import itertools
 import logging
 import multiprocessing as mp
 import re
@@ -25,11 +27,11 @@ from math_verify import parse as _mv_parse
 from math_verify import verify as _mv_verify
 
 ANSWER_KINDS = ("math", "int", "number", "choice", "multi_choice")
-MAX_ANSWER_CHARS = 1000  # a longer final answer is never right on our benchmarks; sympy never sees it
-MAX_NESTING = 40  # bracket depth beyond this is rejected before parsing
+MAX_ANSWER_CHARS = 600  # a longer final answer is never right on our benchmarks; sympy never sees it
+MAX_NESTING = 10  # deeper brackets are rejected: parse time grows exponentially with depth
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:)\s*", re.IGNORECASE)
+_BOX_TOKEN_RE = re.compile(r"\\(?:boxed|fbox)\s*\{|[{}]")
+_ANSWER_IS_RE = re.compile(r"answer\s*(?:is\s*:?|:)\s*", re.IGNORECASE)
 _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|[-+]?\.\d+"
 _NUMBER_RE = re.compile(_NUM)
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
@@ -49,22 +51,28 @@ def _check_kind(kind: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- extraction
 def _boxed_contents(text: str) -> list[str | None]:
-    """Contents of every \\boxed{...}/\\fbox{...} in order; None for one whose braces never close."""
-    out = []
-    for m in _BOX_RE.finditer(text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        out.append(text[m.end() : i - 1] if depth == 0 else None)
+    """Contents of every \\boxed{...}/\\fbox{...} in order; None for one whose braces never close (one pass)."""
+    out, opened, depth = [], [], 0  # opened: (slot in out, content start, depth outside the box)
+    for m in _BOX_TOKEN_RE.finditer(text):
+        if m.group() == "}":
+            depth -= 1
+            if opened and opened[-1][2] == depth:
+                slot, start, _ = opened.pop()
+                out[slot] = text[start : m.start()]
+            continue
+        if m.group() != "{":
+            opened.append((len(out), m.end(), depth))
+            out.append(None)
+        depth += 1
     return out
 
 
 def _final_span(text: str) -> str | None:
-    """The answer a response commits to: last boxed content, else the line after the last 'answer is/:'."""
+    """The answer a response commits to: last boxed content, else the line after the last 'answer is/:'.
+    None: no answer marker at all; "": a malformed (unclosed) or empty final box, i.e. no valid answer."""
     boxes = _boxed_contents(text)
     if boxes:
-        return boxes[-1]  # an unclosed last box is a malformed answer: None
+        return (boxes[-1] or "").strip()
     hits = list(_ANSWER_IS_RE.finditer(text))
     if not hits:
         return None
@@ -92,6 +100,8 @@ def _match_choice(s: str, choices: list[str] | None) -> str | None:
 
 def _extract_choice(text: str, choices: list[str] | None) -> str | None:
     span = _final_span(text)
+    if span == "":
+        return None
     for cand in ([_strip_wrappers(span)] if span is not None else []) + [_strip_wrappers(text)]:
         hit = (_letter(cand) or _match_choice(cand, choices)) if cand else None
         if hit:
@@ -135,8 +145,8 @@ def extract_answer(text: str, kind: str, *, choices: list[str] | None = None) ->
     if kind == "choice":
         return _extract_choice(text, choices)
     span = _final_span(text)
-    if kind == "math":
-        return span
+    if kind == "math" or span == "":
+        return span or None
     if kind == "multi_choice":
         return _letter_set(span if span is not None else text)
     return _number_text(span if span is not None else text)
@@ -156,14 +166,8 @@ def _as_fraction(s: str) -> Fraction | None:
 
 def _too_wild(s: str) -> bool:
     """Cheap guard: absurdly long or deeply nested answers are rejected before any parser sees them."""
-    if len(s) > MAX_ANSWER_CHARS:
-        return True
-    depth = 0
-    for ch in s:
-        depth += 1 if ch in "{([" else -1 if ch in "})]" else 0
-        if depth > MAX_NESTING:
-            return True
-    return False
+    depths = itertools.accumulate(1 if ch in "{([" else -1 if ch in "})]" else 0 for ch in s)
+    return len(s) > MAX_ANSWER_CHARS or max(depths, default=0) > MAX_NESTING
 
 
 @functools.lru_cache(maxsize=4096)
@@ -233,12 +237,9 @@ class _Sidecar:
 
 def _sidecar_loop(conn) -> None:
     conn.send("ready")
-    while True:
-        try:
-            pred, gold, timeout_s = conn.recv()
-        except EOFError:
-            return
-        conn.send(_math_equal_here(pred, gold, timeout_s))
+    with contextlib.suppress(EOFError):  # the parent closed its end
+        while True:
+            conn.send(_math_equal_here(*conn.recv()))
 
 
 _SIDECAR = _Sidecar()

@@ -13,31 +13,31 @@ from seqrl.eval.grading import extract_answer, format_reward, grade, grade_many,
 from seqrl.eval.metrics import benchmark_gold
 
 BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
-FILES = {
-    "aime24": "aime24/test.jsonl",
-    "aime25": "aime25/aime25.jsonl",
-    "math500": "math500/test.jsonl",
-    "amc23": "amc23/test.jsonl",
-    "gsm8k": "gsm8k/test.jsonl",
-    "mathvision": "mathvision/testmini.jsonl",
-    "mathvista": "mathvista_testmini/testmini.json",
-    "wemath": "wemath/testmini.json",
-    "logicvista": "logicvista/dataset.json",
+SPLITS = {  # split name -> (benchmark, local file, records)
+    "aime24": ("aime24", "aime24/test.jsonl", 30),
+    "aime25": ("aime25", "aime25/aime25.jsonl", 30),
+    "math500": ("math500", "math500/test.jsonl", 500),
+    "amc23": ("amc23", "amc23/test.jsonl", 40),
+    "gsm8k": ("gsm8k", "gsm8k/test.jsonl", 1319),
+    "mathvision": ("mathvision", "mathvision/testmini.jsonl", 304),
+    "mathvision_test": ("mathvision", "mathvision/test.jsonl", 3040),
+    "mathvista": ("mathvista", "mathvista_testmini/testmini.json", 1000),
+    "wemath": ("wemath", "wemath/testmini.json", 1740),
+    "logicvista": ("logicvista", "logicvista/dataset.json", 448),
 }
-SIZES = {"aime24": 30, "aime25": 30, "math500": 500, "amc23": 40, "gsm8k": 1319, "mathvision": 304,
-         "mathvista": 1000, "wemath": 1740, "logicvista": 448}
 
 
-def load(name: str) -> list[dict]:
-    path = BENCH / FILES[name]
+def load(split: str) -> list[dict]:
+    path = BENCH / SPLITS[split][1]
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     data = json.loads(path.read_text())
     return list(data.values()) if isinstance(data, dict) else data
 
 
-def golds(name: str) -> list[tuple[str, str, dict]]:
-    return [spec for spec in map(lambda r: benchmark_gold(name, r), load(name)) if spec is not None]
+def golds(split: str) -> list[tuple[str, str, dict]]:
+    specs = (benchmark_gold(SPLITS[split][0], record) for record in load(split))
+    return [spec for spec in specs if spec is not None]
 
 
 def wrong_answer(gold: str, kind: str, kw: dict) -> str:
@@ -52,13 +52,12 @@ def wrong_answer(gold: str, kind: str, kw: dict) -> str:
     return str(value + 1) if value is not None else "-98765.4321"
 
 
-@pytest.mark.parametrize("name", list(FILES))
-def test_oracle_gold_answers_grade_correct(name):
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_oracle_gold_answers_grade_correct(split):
     """Every gold, written as a model would, grades True; a shifted answer grades False."""
-    records = load(name)
-    assert len(records) == SIZES[name]
-    specs = golds(name)
-    assert len(specs) == SIZES[name] - (name == "logicvista")  # LogicVista v1_382 has an empty answer
+    assert len(load(split)) == SPLITS[split][2]
+    specs = golds(split)
+    assert len(specs) == SPLITS[split][2] - (split == "logicvista")  # LogicVista v1_382 has an empty answer
     failures = []
     for gold, kind, kw in specs:
         texts = [f"Let me think.\nThe answer is \\boxed{{{gold}}}."]
@@ -76,7 +75,7 @@ def test_oracle_gold_answers_grade_correct(name):
 
 def test_math_verify_itself_accepts_every_math_gold():
     """Bypassing the string/number fast paths, math-verify (under our deadline) equates each gold with itself."""
-    math_golds = [g for name in ("math500", "mathvision", "aime24") for g, kind, _ in golds(name) if kind == "math"]
+    math_golds = [g for split in ("math500", "mathvision", "aime24") for g, kind, _ in golds(split) if kind == "math"]
     assert len(math_golds) > 600
     bad = [g for g in math_golds if not grading._math_equal_here(g, g, 2.0)]
     assert not bad, bad
@@ -89,6 +88,8 @@ def test_benchmark_gold_mappings():
     assert (gold, kind) == ("C", "choice") and kw["choices"][2] == "145°"
     assert benchmark_gold("gsm8k", {"answer": "so 1,080\n#### 1,080"}) == ("1080", "number", {})
     assert benchmark_gold("amc23", {"answer": 27.0}) == ("27", "math", {})
+    assert benchmark_gold("mathvision", {"answer": "8\\sqrt{3}{squareinches}", "options": []})[0] == "8\\sqrt{3}"
+    assert benchmark_gold("mathvision", {"answer": "\\frac{3}{4}\\pi{inches}", "options": []})[0] == "\\frac{3}{4}\\pi"
     assert benchmark_gold("logicvista", {"answer": "B, D"}) == ("B, D", "multi_choice", {})
     assert benchmark_gold("logicvista", {"answer": ""}) is None
     assert benchmark_gold("wemath", load("wemath")[0])[2]["choices"][2] == "3000, 4000"
@@ -214,6 +215,18 @@ def test_math_outside_the_main_thread_uses_a_killable_helper():
     thread.join(timeout=90)
     assert out["true"] is True and out["false"] is False and out["tower"] is False
     assert out["seconds"] < 60  # includes spawning the helper (imports sympy)
+
+
+def test_helper_process_is_killed_when_it_overruns_and_respawned(monkeypatch):
+    sidecar = grading._Sidecar()
+    assert sidecar.check("\\frac{2}{4}", "0.5", 2.0) is True
+    first_pid = sidecar.proc.pid
+    monkeypatch.setattr(sidecar, "slack_s", -0.4)  # give up after 0.1 s, before the helper's own 0.5 s deadline
+    assert sidecar.check(ADVERSARIAL["tower_bare"][7:-1], "5", 0.5) is False
+    assert sidecar.proc is None  # killed
+    monkeypatch.setattr(sidecar, "slack_s", 1.0)
+    assert sidecar.check("\\frac{2}{4}", "0.5", 2.0) is True and sidecar.proc.pid != first_pid
+    sidecar.proc.kill()
 
 
 def test_format_reward():

@@ -68,7 +68,7 @@ class RLModule(L.LightningModule):
         kinds = [s.kind for s in roll.samples]
         correct = torch.tensor(grade_many(roll.texts, golds, kinds), dtype=torch.float32)
         fmt = torch.tensor([format_reward(t) for t in roll.texts], dtype=torch.float32)
-        rewards, keep = shape_rewards(self.algo, correct, roll.lengths, self.cfg.rollout.max_new_tokens,
+        rewards, keep = shape_rewards(self.algo, correct, roll.response_lengths, self.cfg.rollout.max_new_tokens,
                                       roll.truncated, format_ok=fmt)
         return {"correct": correct, "rewards": rewards, "keep": keep}
 
@@ -122,6 +122,7 @@ class RLModule(L.LightningModule):
                 ref_logp = response_logprobs(self._ref_policy(), roll, temp)[0]
         metrics = self._update(roll, adv, mask, old_logp, ref_logp)
         metrics.update(self._rollout_metrics(roll, g, rounds))
+        metrics.update(roll.metrics)
         metrics["perf/step_s"] = time.perf_counter() - t0
         metrics["perf/tokens_per_s"] = float(roll.attention_mask.sum()) / metrics["perf/step_s"]
         metrics["train/rl_step"] = float(batch_idx)
@@ -168,7 +169,7 @@ class RLModule(L.LightningModule):
         return self.algo.norm_const if self.algo.norm_const is not None else self.cfg.rollout.max_new_tokens
 
     def _rollout_metrics(self, roll, g, rounds) -> dict[str, float]:
-        lengths, r = roll.lengths, g["rewards"]
+        lengths, r = roll.response_lengths, g["rewards"]
         gid = roll.group_ids
         groups = gid.unique()
         zero_std = sum(bool(r[gid == k].std(unbiased=False) == 0) for k in groups) / len(groups)

@@ -41,6 +41,8 @@ class RolloutBatch:
     truncated: torch.Tensor  # (N,) bool: no end-of-sequence within the budget
     mm: dict = field(default_factory=dict)  # multimodal tensors (pixel_values, image_grid_thw)
     gen_seconds: float = 0.0
+    full_lengths: torch.Tensor | None = None  # (N,) whole-response lengths when rows hold segments (EqLen)
+    metrics: dict = field(default_factory=dict)  # rollout-specific metrics (e.g. eqlen/*), logged as they are
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -51,7 +53,13 @@ class RolloutBatch:
 
     @property
     def lengths(self) -> torch.Tensor:
+        """Trained tokens per row (the segment length for EqLen rows)."""
         return self.response_mask.sum(1)  # (N,)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """Length of the whole response each row belongs to (used by length-based reward shaping)."""
+        return self.lengths if self.full_lengths is None else self.full_lengths  # (N,)
 
     def select(self, rows: torch.Tensor) -> "RolloutBatch":
         """The sub-batch of `rows` (a 1-D long tensor), multimodal tensors included."""
@@ -65,6 +73,7 @@ class RolloutBatch:
             group_ids=self.group_ids[rows],
             texts=[self.texts[i] for i in idx],
             truncated=self.truncated[rows],
+            full_lengths=None if self.full_lengths is None else self.full_lengths[rows],
             mm=_select_mm(self.mm, idx, [len(s.images or []) for s in self.samples]),
         )
 
@@ -152,6 +161,7 @@ def cat_rollouts(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         truncated=torch.cat([b.truncated for b in batches]),
         mm={k: torch.cat([b.mm[k] for b in batches]) for k in batches[0].mm},
         gen_seconds=sum(b.gen_seconds for b in batches),
+        full_lengths=None if batches[0].full_lengths is None else torch.cat([b.full_lengths for b in batches]),
     )
 
 

@@ -291,7 +291,7 @@ def verify(pred: str | None, gold: str, kind: str, *, timeout_s: float = 2.0, pr
         if kind in ("int", "number"):
             return _number_equal(pred, str(gold), precision, integer=kind == "int")
         if kind == "choice":
-            letter = _letter(_strip_wrappers(pred)) if pred.strip() else None
+            letter = _letter(_strip_wrappers(pred))
             return letter is not None and letter == str(gold).strip().upper()
         got = _letter_set(pred)
         return got is not None and got == _letter_set(str(gold))
@@ -314,7 +314,7 @@ def _grade_item(text: str, gold: str, kind: str, kw: dict) -> bool:
     return grade(text, gold, kind, **kw)
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)
 def _pool(workers: int) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"))
     atexit.register(pool.shutdown, wait=False, cancel_futures=True)

@@ -156,8 +156,9 @@ def benchmark_gold(benchmark: str, record: Mapping) -> tuple[str, str, dict] | N
 
     gsm8k: the number after '####'. amc23: the float without '.0'. MathVista: a multi_choice answer (an option
     text) becomes its letter; free-form answers are int (with unit), number (with precision) or, for lists,
-    math. MathVision: a letter answer is a choice (options attached), the rest math. WeMath: a letter, option
-    texts parsed from 'option'. LogicVista: one or more letters (multi_choice) or a numeric label (int).
+    math. MathVision: a letter answer is a choice (options attached), the rest math with a trailing unit such
+    as '{degrees}' (test split) dropped. WeMath: a letter, option texts parsed from 'option'. LogicVista: one
+    or more letters (multi_choice) or a numeric label (int).
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; allowed: {', '.join(BENCHMARKS)}")
@@ -177,7 +178,7 @@ def benchmark_gold(benchmark: str, record: Mapping) -> tuple[str, str, dict] | N
     if benchmark == "mathvision":
         if record.get("options") or re.fullmatch(r"[A-E]", answer.strip()):
             return answer.strip(), "choice", {"choices": record.get("options") or None}
-        return answer.strip(), "math", {}
+        return re.sub(r"(?:(?<=[\d}])|(?<=\\pi))\{[a-z]{4,}\}$", "", answer.strip()), "math", {}
     if benchmark == "wemath":
         return answer.strip(), "choice", {"choices": _wemath_choices(record.get("option", ""))}
     answer = str(answer).strip()

@@ -89,3 +89,24 @@ def test_cfg_job_prints_composed_config():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "name: gspo" in proc.stdout and "family: dense" in proc.stdout
+
+
+def _sweep_cases():
+    for path in sorted((ROOT / "sweeps").glob("*.yaml")):
+        sweep = OmegaConf.load(path).hydra.sweeper.params
+        for key, values in sweep.items():
+            for value in str(values).split(","):
+                yield path.stem, f"{key}={value.strip()}", [f"{k}={str(v).split(',')[0].strip()}"
+                                                            for k, v in sweep.items() if k != key]
+
+
+@pytest.mark.parametrize("sweep,override,others", list(_sweep_cases()))
+def test_every_sweep_value_composes_and_validates(sweep, override, others):
+    """Each value of each sweep parameter composes (with the other parameters at their first value)."""
+    from seqrl.config import validate
+
+    cfg = compose(sweep, [*others, override, f"hydra.searchpath=[file://{conf_dir()}]"], config_dir=ROOT / "sweeps")
+    validate(cfg)
+    key, value = override.split("=")
+    if "/" not in key and key in ("algorithm",):
+        assert cfg.algorithm.name == value

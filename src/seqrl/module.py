@@ -46,10 +46,12 @@ class RLModule(L.LightningModule):
 
     # ----------------------------------------------------------------- data
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(
-            self.train_samples, batch_size=self.cfg.prompts_per_step, shuffle=True, drop_last=True,
-            collate_fn=list, generator=torch.Generator().manual_seed(self.cfg.seed),
-        )
+        """One epoch = the whole run: trainer.max_steps batches of prompts (reshuffled each pass over the data)."""
+        n = self.cfg.trainer.max_steps * self.cfg.prompts_per_step
+        sampler = torch.utils.data.RandomSampler(self.train_samples, num_samples=n,
+                                                 generator=torch.Generator().manual_seed(self.cfg.seed))
+        return torch.utils.data.DataLoader(self.train_samples, batch_size=self.cfg.prompts_per_step, sampler=sampler,
+                                           drop_last=True, collate_fn=list)
 
     def val_dataloader(self):
         bs = max(1, self.cfg.eval.batch_size // self.cfg.eval.n_samples)

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("seqrl")
+_KNOWN_NOISE = (  # Lightning warnings that do not apply to this module (frozen reference in eval mode; manual optim)
+    r"Found \d+ module\(s\) in eval mode", r"Using ModelCheckpoint with manual optimization",
+    r".*treespec, LeafSpec.*",
+)
 
 
 def run_name(cfg) -> str:
@@ -42,6 +47,8 @@ def train(cfg: DictConfig) -> dict:
     from seqrl.results import provenance, write_json_atomic, write_text_atomic
     from seqrl.warmup import warmup
 
+    for noise in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=noise)
     out = Path(cfg.paths.output_dir)
     c = validate(cfg)
     data_dir = str(Path(c.paths.data_dir).expanduser())
@@ -56,7 +63,7 @@ def train(cfg: DictConfig) -> dict:
     updates = c.algorithm.ppo_epochs * c.algorithm.ppo_minibatches
     every = c.eval.every_n_steps
     trainer = instantiate(
-        cfg.trainer, max_steps=c.trainer.max_steps * updates, max_epochs=-1, default_root_dir=str(out),
+        cfg.trainer, max_steps=c.trainer.max_steps * updates, max_epochs=1, default_root_dir=str(out),
         logger=build_loggers(cfg, out, name), check_val_every_n_epoch=None,
         val_check_interval=every if every > 0 else c.trainer.max_steps * 1000,
         callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=updates)],

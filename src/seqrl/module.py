@@ -22,6 +22,7 @@ import torch
 
 from seqrl.algorithms import compute_advantages, compute_policy_loss, dynamic_sampling_keep, shape_rewards
 from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, response_logprobs
+from seqrl.distributed import gather_objects, shard
 from seqrl.eval.grading import format_reward, grade_many
 from seqrl.eval.harness import EvalSet, evaluate_rollout, generate_for_eval
 
@@ -45,17 +46,27 @@ class RLModule(L.LightningModule):
         self.last_train_metrics: dict[str, float] = {}
 
     # ----------------------------------------------------------------- data
+    def setup(self, stage: str) -> None:
+        world = self.trainer.world_size
+        if self.cfg.prompts_per_step % world:
+            raise ValueError(f"prompts_per_step={self.cfg.prompts_per_step}: must be divisible by the {world} "
+                             "data-parallel processes (it is the global batch)")
+        self.gen.manual_seed(self.cfg.seed + 7919 * self.trainer.global_rank)  # each rank its own draws
+
     def train_dataloader(self):
-        """One epoch = the whole run: trainer.max_steps batches of prompts (reshuffled each pass over the data)."""
-        n = self.cfg.trainer.max_steps * self.cfg.prompts_per_step
-        sampler = torch.utils.data.RandomSampler(self.train_samples, num_samples=n,
-                                                 generator=torch.Generator().manual_seed(self.cfg.seed))
-        return torch.utils.data.DataLoader(self.train_samples, batch_size=self.cfg.prompts_per_step, sampler=sampler,
+        """One epoch = the whole run: trainer.max_steps batches. Each rank draws prompts_per_step / world prompts."""
+        per_rank = self.cfg.prompts_per_step // self.trainer.world_size
+        seed = self.cfg.seed + 7919 * self.trainer.global_rank
+        sampler = torch.utils.data.RandomSampler(self.train_samples, num_samples=self.cfg.trainer.max_steps * per_rank,
+                                                 generator=torch.Generator().manual_seed(seed))
+        return torch.utils.data.DataLoader(self.train_samples, batch_size=per_rank, sampler=sampler,
                                            drop_last=True, collate_fn=list)
 
     def val_dataloader(self):
+        """Each rank generates for its shard of every eval set; records are gathered at the epoch end."""
         bs = max(1, self.cfg.eval.batch_size // self.cfg.eval.n_samples)
-        return [torch.utils.data.DataLoader(es.samples, batch_size=bs, collate_fn=list) for es in self.eval_sets]
+        return [torch.utils.data.DataLoader(shard(es.samples), batch_size=bs, collate_fn=list)
+                for es in self.eval_sets]
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -134,6 +145,11 @@ class RLModule(L.LightningModule):
                       prog_bar=True, logger=False)
         self._maybe_log_samples(roll, g)
 
+    def on_train_end(self) -> None:
+        """Data-parallel guard: every rank must end with bit-identical weights (gradients were all-reduced)."""
+        checksum = float(sum(p.detach().double().sum() for p in self.model.parameters()))
+        self.ddp_params_in_sync = len(set(gather_objects(checksum))) == 1
+
     def _ref_policy(self):
         return dataclasses.replace(self.policy, model=self.ref)
 
@@ -171,19 +187,22 @@ class RLModule(L.LightningModule):
         return self.algo.norm_const if self.algo.norm_const is not None else self.cfg.rollout.max_new_tokens
 
     def _rollout_metrics(self, roll, g, rounds) -> dict[str, float]:
-        lengths, r = roll.response_lengths, g["rewards"]
-        gid = roll.group_ids
-        groups = gid.unique()
-        zero_std = sum(bool(r[gid == k].std(unbiased=False) == 0) for k in groups) / len(groups)
+        """Rollout statistics over the global batch (gathered from every data-parallel rank)."""
+        groups = [g["rewards"][roll.group_ids == k] for k in roll.group_ids.unique()]
+        zero_std = [bool(x.std(unbiased=False) == 0) for x in groups]
+        local = (g["rewards"], g["correct"], roll.response_lengths, roll.truncated, g["keep"], zero_std)
+        parts = gather_objects(local)
+        r, correct, lengths, truncated, keep = (torch.cat([p[i] for p in parts]).float() for i in range(5))
+        zero_std = sum(sum(p[5]) for p in parts) / sum(len(p[5]) for p in parts)
         return {
             "train/reward/mean": float(r.mean()), "train/reward/std": float(r.std(unbiased=False)),
-            "train/accuracy": float(g["correct"].mean()),
+            "train/accuracy": float(correct.mean()),
             "train/response_length/mean": float(lengths.mean()), "train/response_length/min": float(lengths.min()),
             "train/response_length/max": float(lengths.max()),
-            "train/response_length/clip_ratio": float(roll.truncated.float().mean()),
+            "train/response_length/clip_ratio": float(truncated.mean()),
             "train/frac_reward_zero_std": float(zero_std), "train/sampling_rounds": float(rounds),
-            "train/kept_frac": float(g["keep"].float().mean()), "perf/gen_s": roll.gen_seconds,
-            "perf/gen_tokens_per_s": float(lengths.sum()) / max(roll.gen_seconds, 1e-9),
+            "train/kept_frac": float(keep.mean()), "perf/gen_s": roll.gen_seconds,
+            "perf/gen_tokens_per_s": float(roll.response_lengths.sum()) / max(roll.gen_seconds, 1e-9),
         }
 
     def _maybe_log_samples(self, roll, g) -> None:

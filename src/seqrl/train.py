@@ -64,7 +64,7 @@ def train(cfg: DictConfig) -> dict:
     every = c.eval.every_n_steps
     trainer = instantiate(
         cfg.trainer, max_steps=c.trainer.max_steps * updates, max_epochs=1, default_root_dir=str(out),
-        logger=build_loggers(cfg, out, name), check_val_every_n_epoch=None,
+        logger=build_loggers(cfg, out, name), check_val_every_n_epoch=None, use_distributed_sampler=False,
         val_check_interval=every if every > 0 else c.trainer.max_steps * 1000,
         callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=updates)],
     )
@@ -82,7 +82,8 @@ def train(cfg: DictConfig) -> dict:
         "run_name": name, **provenance(OmegaConf.to_container(cfg, resolve=True), c.seed),
         "warmup": warm, "train": module.last_train_metrics, "eval_before": before,
         "eval": {k: v["metrics"] for k, v in module.eval_results.items()},
-        "rl_steps": module.current_rl_step(),
+        "rl_steps": module.current_rl_step(), "world_size": trainer.world_size,
+        "ddp_params_in_sync": getattr(module, "ddp_params_in_sync", None),
     }
     if trainer.is_global_zero:
         write_samples(module.eval_results, out)

@@ -16,6 +16,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from seqrl.algorithms.config import AlgorithmConfig
 
 ANSWER_KINDS = ("math", "int", "number", "choice", "multi_choice")
+FAMILIES = ("dense", "moe", "vl", "oracle")  # registry keys in seqrl.models (oracle: seqrl.eval.oracle)
+IMAGE_FAMILIES = ("vl", "oracle")  # families that take images
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -30,7 +32,7 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
 
 @dataclass
 class ModelConfig:
-    family: str = "dense"  # dense | moe | vl (registry key in seqrl.models)
+    family: str = "dense"  # dense | moe | vl | oracle (registry key in seqrl.models; oracle = seqrl-eval only)
     name_or_path: Optional[str] = None  # HF id or local dir; None = random init from `arch`
     local_dir: Optional[str] = None  # overrides name_or_path (offline users, seqrl HF exports)
     tokenizer: str = "char"  # char = built in code; auto = the checkpoint's own
@@ -41,7 +43,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
 
     def __post_init__(self) -> None:
-        _one_of("model.family", self.family, ("dense", "moe", "vl"))
+        _one_of("model.family", self.family, FAMILIES)
         _one_of("model.tokenizer", self.tokenizer, ("char", "auto"))
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
@@ -77,6 +79,16 @@ class BenchmarkConfig(DataConfig):
     """A benchmark is a data source plus how to score it (lm-eval style: data + one scoring function)."""
 
     ks: List[int] = field(default_factory=lambda: [1])  # pass@k / maj@k values to report
+    gold_map: Optional[str] = None  # per-record (gold, kind, verifier options): seqrl.eval.benchmarks.benchmark_gold
+    hf_fields: Dict[str, str] = field(default_factory=dict)  # `fields` of the hub copy (empty: same as `fields`)
+    hf_image_field: Optional[str] = None  # `image_field` of the hub copy
+    verifier: Dict[str, Any] = field(default_factory=dict)  # default grade() options, e.g. timeout_s
+    require_images: bool = True  # false: run an image benchmark text-only (images dropped)
+    metrics: List[str] = field(default_factory=list)  # extra benchmark-level metrics, e.g. wemath_four_dim
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(all(k >= 1 for k in self.ks), f"eval.benchmarks.{self.name}.ks", self.ks, "every k must be >= 1")
 
 
 @dataclass
@@ -88,9 +100,14 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    eqlen_max_forks: int = 8  # EqLen: forks per prompt (0 = a pair's unit ends with its shorter track)
+    eqlen_unpaired: str = "stop"  # EqLen, fork budget spent: stop (cut the longer track) | untrained
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ("hf", "vllm"))
+        _check(self.top_k >= 0, "rollout.top_k", self.top_k, "must be >= 0 (0 = off)")
+        _check(self.eqlen_max_forks >= 0, "rollout.eqlen_max_forks", self.eqlen_max_forks, "must be >= 0")
+        _one_of("rollout.eqlen_unpaired", self.eqlen_unpaired, ("stop", "untrained"))
         _check(self.group_size >= 1, "rollout.group_size", self.group_size, "must be >= 1")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "must be >= 1")
         _check(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 (sampling)")
@@ -115,6 +132,11 @@ class EvalConfig:
         _check(self.n_samples >= 1, "eval.n_samples", self.n_samples, "must be >= 1")
         _check(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0 (0 = greedy)")
         _check(self.every_n_steps >= 0, "eval.every_n_steps", self.every_n_steps, "must be >= 0")
+        _check(0 < self.top_p <= 1, "eval.top_p", self.top_p, "must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 or null (all items)")
+        _check(self.grading_workers >= 0, "eval.grading_workers", self.grading_workers, "must be >= 0")
 
 
 @dataclass
@@ -139,6 +161,7 @@ class WarmupConfig:
     batch_size: int = 32
     lr: float = 3e-3
     worked_frac: float = 0.5  # share of worked (long) vs direct (short) demonstrations
+    seed: Optional[int] = None  # seed of the model init + warm-up; None = the run's seed (set it to share one warm-up)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "warmup.steps", self.steps, "must be >= 0")
@@ -233,17 +256,24 @@ def validate(cfg: DictConfig) -> Any:
                    f"algorithm {obj.algorithm.name} uses a group-relative advantage "
                    f"({obj.algorithm.advantage}); allowed: >= 2")
         _one_of("algorithm.advantage", obj.algorithm.advantage, tuple(sorted(ADVANTAGES)))
+        if obj.rollout.name == "eqlen":
+            _check(obj.rollout.group_size >= 2 and obj.rollout.group_size % 2 == 0, "rollout.group_size",
+                   obj.rollout.group_size, "rollout=eqlen decodes responses in pairs; allowed: an even number >= 2")
+        _check(obj.model.family != "oracle", "model.family", "oracle",
+               "the oracle only answers benchmarks (seqrl-eval model=oracle); train dense, moe or vl")
         if obj.warmup.enabled:
             _check(obj.data.source == "generated", "warmup.enabled", True,
                    f"needs a generated task with demonstrations (data.source={obj.data.source!r})")
     from seqrl.data import check_data_source
+    from seqrl.eval.benchmarks import resolve_benchmark
 
     data_dir = str(Path(obj.paths.data_dir).expanduser())
-    for b in [getattr(obj, "data", None), *obj.eval.benchmarks.values()]:
+    benchmarks = [resolve_benchmark(b, data_dir) for b in obj.eval.benchmarks.values()]  # local copy, else hub
+    for b in [getattr(obj, "data", None), *benchmarks]:
         if b is None:
             continue
         if b.modality == "image":
-            _check(obj.model.family == "vl", f"{b.name}.modality", "image",
+            _check(obj.model.family in IMAGE_FAMILIES, f"{b.name}.modality", "image",
                    f"needs a vision-language model (model.family=vl), got model.family={obj.model.family}")
         check_data_source(b, data_dir)
     return obj

@@ -45,17 +45,17 @@ def train(cfg: DictConfig) -> dict:
     from seqrl.models import build_policy
     from seqrl.module import RLModule
     from seqrl.results import provenance, write_json_atomic, write_text_atomic
-    from seqrl.warmup import warmup
+    from seqrl.warmup import init_seed, warmup
 
     for noise in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=noise)
     out = Path(cfg.paths.output_dir)
     c = validate(cfg)
     data_dir = str(Path(c.paths.data_dir).expanduser())
-    L.seed_everything(c.seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(False)
+    L.seed_everything(init_seed(c), workers=True, verbose=False)  # model init + warm-up (shareable across seeds)
     policy = build_policy(c.model)
     warm = warmup(policy, c, log=log.info) if c.warmup.enabled else None
+    L.seed_everything(c.seed, workers=True, verbose=False)  # RL: sampling, minibatch order, data order
     train_samples = load_samples(c.data, "train", data_dir)
     eval_sets = build_eval_sets(c.eval, c.data, data_dir)
     module = RLModule(c, policy, train_samples, eval_sets)

@@ -22,9 +22,14 @@ from seqrl.algorithms.rollout import response_logprobs, rollout_from_texts
 CACHE_VERSION = 1
 
 
+def init_seed(cfg) -> int:
+    """The seed of the model's random init and of the warm-up (warmup.seed, else the run's seed)."""
+    return cfg.seed if cfg.warmup.seed is None else cfg.warmup.seed
+
+
 def warmup_key(cfg) -> str:
     """Hash of the config parts the warm-up depends on."""
-    parts = {"model": cfg.model, "data": cfg.data, "warmup": cfg.warmup, "seed": cfg.seed, "v": CACHE_VERSION}
+    parts = {"model": cfg.model, "data": cfg.data, "warmup": cfg.warmup, "seed": init_seed(cfg), "v": CACHE_VERSION}
     blob = json.dumps(OmegaConf.to_container(OmegaConf.structured(parts), resolve=True), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -46,7 +51,7 @@ def warmup(policy, cfg, log=print) -> dict:
         return {"cached": True, "seconds": 0.0, "loss": None, "path": str(path)}
 
     task = build_task(cfg.data.task, **cfg.data.task_kwargs)
-    rng = random.Random(f"warmup-{cfg.seed}")
+    rng = random.Random(f"warmup-{init_seed(cfg)}")
     model = policy.model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)

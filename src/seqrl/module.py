@@ -90,29 +90,31 @@ class RLModule(L.LightningModule):
         return [self.train_samples[i] for i in idx]
 
     def _rollout(self, prompts: list):
-        """Rollout with optional dynamic sampling: keep groups with reward variance, refill, cap at len(prompts)."""
-        G, rounds = self.cfg.rollout.group_size, 0
-        rolls, grades, n_groups = [], [], 0
+        """Rollout; with DAPO's dynamic sampling, keep only groups with reward variance and refill from fresh
+        prompts for up to `max_sampling_rounds` generation rounds, trimming to the original number of groups.
+        If no round yields an informative group, the last round is used as is (its advantages are all zero)."""
+        target, kept, rounds = len(prompts), [], 0
         while True:
-            roll = self.rollout_fn(self.policy, prompts, self.cfg.rollout, n=G)
+            roll = self.rollout_fn(self.policy, prompts, self.cfg.rollout, n=self.cfg.rollout.group_size)
             g = self._grade(roll)
             rounds += 1
-            if self.algo.dynamic_sampling:
-                informative = dynamic_sampling_keep(g["rewards"], roll.group_ids)
-                roll, g = roll.select(informative.nonzero().squeeze(1)), {k: v[informative] for k, v in g.items()}
-            rolls.append(roll), grades.append(g)
-            n_groups += int(roll.group_ids.unique().numel()) if len(roll) else 0
-            done = not self.algo.dynamic_sampling or n_groups >= len(prompts)
-            if done or rounds > self.algo.max_sampling_rounds:
+            if not self.algo.dynamic_sampling:
+                return roll, g, rounds
+            informative = dynamic_sampling_keep(g["rewards"], roll.group_ids)
+            if informative.any():
+                rows = informative.nonzero().squeeze(1)
+                kept.append((roll.select(rows), {k: v[rows] for k, v in g.items()}))
+            n_groups = sum(int(r.group_ids.unique().numel()) for r, _ in kept)
+            if n_groups >= target or rounds >= self.algo.max_sampling_rounds:
                 break
-            prompts = self._draw_prompts(len(prompts) - n_groups)
-        rolls_grades = [(r, g) for r, g in zip(rolls, grades) if len(r)]
-        if not rolls_grades:
-            return None, {}, rounds
-        roll = cat_rollouts([r for r, _ in rolls_grades], self.policy.pad_token_id)
-        g = {k: torch.cat([gg[k] for _, gg in rolls_grades]) for k in grades[0]}
-        if roll.group_ids.unique().numel() > self.cfg.prompts_per_step:  # refills overshoot: trim whole groups
-            rows = (roll.group_ids < roll.group_ids.unique()[self.cfg.prompts_per_step]).nonzero().squeeze(1)
+            prompts = self._draw_prompts(target - n_groups)
+        if not kept:
+            return roll, g, rounds
+        roll = cat_rollouts([r for r, _ in kept], self.policy.pad_token_id)
+        g = {k: torch.cat([gg[k] for _, gg in kept]) for k in kept[0][1]}
+        groups = roll.group_ids.unique()
+        if groups.numel() > target:  # the last refill overshot: trim whole groups
+            rows = (roll.group_ids < groups[target]).nonzero().squeeze(1)
             roll, g = roll.select(rows), {k: v[rows] for k, v in g.items()}
         return roll, g, rounds
 
@@ -120,9 +122,6 @@ class RLModule(L.LightningModule):
     def training_step(self, batch: list, batch_idx: int):
         t0 = time.perf_counter()
         roll, g, rounds = self._rollout(batch)
-        if roll is None:  # every group was constant even after refills: nothing to learn from this step
-            self.log("train/skipped_steps", 1.0, on_step=True)
-            return
         adv = compute_advantages(self.algo, g["rewards"], roll.group_ids)  # (N,)
         mask = roll.response_mask * g["keep"].unsqueeze(1)  # (N, T) overlong filtering removes rows
         temp = self.cfg.rollout.temperature

@@ -5,10 +5,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                  TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+                  TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+# Tiny models: one intra-op thread is faster than two (no sync overhead) and immune to oversubscription when
+# several processes (DDP tests, spawned reference runs) share the 2 cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -24,8 +24,12 @@ def _train_cases():
 def test_every_train_option_composes_and_validates(override):
     from seqrl.config import validate
 
-    extra = ["model=tiny_vl"] if "image" in override or "virl" in override else []
+    extra = ["model=tiny_vl"] if any(k in override for k in ("image", "virl", "vision")) else []
     cfg = compose("train", [override, *extra])
+    if override == "model=oracle":  # an evaluation-only model: training it is refused at validation
+        with pytest.raises(ValueError, match="oracle"):
+            validate(cfg)
+        return
     assert validate(cfg) is not None
     group, opt = override.split("=")
     own = OmegaConf.load(conf_dir() / group / f"{opt}.yaml")

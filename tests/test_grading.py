@@ -10,7 +10,7 @@ import pytest
 
 from seqrl.eval import grading
 from seqrl.eval.grading import extract_answer, format_reward, grade, grade_many, verify
-from seqrl.eval.metrics import benchmark_gold
+from seqrl.eval.benchmarks import benchmark_gold
 
 BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
 SPLITS = {  # split name -> (benchmark, local file, records)

@@ -145,7 +145,7 @@ def test_bad_configs_raise_clear_errors():
         build_policy({"tokenizer": "auto"})
     with pytest.raises(ValueError, match="layers"):
         build_policy({"layers": 2})
-    assert sorted(FAMILIES) == ["dense", "moe", "vl"]
+    assert sorted(FAMILIES) == ["dense", "moe", "oracle", "vl"]
 
 
 def test_text_family_rejects_images(policies, images):

@@ -137,6 +137,9 @@ class EvalConfig:
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
         _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 or null (all items)")
         _check(self.grading_workers >= 0, "eval.grading_workers", self.grading_workers, "must be >= 0")
+        for key, bench in self.benchmarks.items():  # the suite's key names the benchmark (metrics, errors)
+            if isinstance(bench, BenchmarkConfig):
+                bench.name = key
 
 
 @dataclass

@@ -343,3 +343,6 @@ def build_policy(cfg) -> Policy:
         enable({"use_reentrant": False})
     processor = family.build_processor(tokenizer, source, cfg["trust_remote_code"])
     return Policy(model=model, tokenizer=tokenizer, processor=processor, family=cfg["family"])
+
+
+from seqrl.eval import oracle as _oracle  # noqa: E402,F401 - registers the "oracle" family (seqrl-eval only)

@@ -22,7 +22,7 @@ import torch
 
 from seqrl.algorithms import compute_advantages, compute_policy_loss, dynamic_sampling_keep, shape_rewards
 from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, response_logprobs
-from seqrl.distributed import gather_objects, shard
+from seqrl.distributed import gather_objects, shard, world_size
 from seqrl.eval.grading import format_reward, grade_many
 from seqrl.eval.harness import EvalSet, evaluate_rollout, generate_for_eval
 
@@ -44,6 +44,7 @@ class RLModule(L.LightningModule):
         self._eval_records: dict[int, list] = {}
         self.eval_results: dict[str, dict] = {}
         self.last_train_metrics: dict[str, float] = {}
+        self.rl_step = 0  # completed RL steps (rollouts); saved in checkpoints
 
     # ----------------------------------------------------------------- data
     def setup(self, stage: str) -> None:
@@ -79,7 +80,8 @@ class RLModule(L.LightningModule):
     def _grade(self, roll) -> dict[str, torch.Tensor]:
         golds = [s.answer for s in roll.samples]
         kinds = [s.kind for s in roll.samples]
-        correct = torch.tensor(grade_many(roll.texts, golds, kinds), dtype=torch.float32)
+        item_kw = [s.meta.get("grade_kw", {}) for s in roll.samples]  # per-item verifier options, as in eval
+        correct = torch.tensor(grade_many(roll.texts, golds, kinds, item_kw=item_kw), dtype=torch.float32)
         fmt = torch.tensor([format_reward(t) for t in roll.texts], dtype=torch.float32)
         rewards, keep = shape_rewards(self.algo, correct, roll.response_lengths, self.cfg.rollout.max_new_tokens,
                                       roll.truncated, format_ok=fmt)
@@ -91,8 +93,8 @@ class RLModule(L.LightningModule):
 
     def _rollout(self, prompts: list):
         """Rollout; with DAPO's dynamic sampling, keep only groups with reward variance and refill from fresh
-        prompts for up to `max_sampling_rounds` generation rounds, trimming to the original number of groups.
-        If no round yields an informative group, the last round is used as is (its advantages are all zero)."""
+        prompts for up to `max_sampling_rounds` refill rounds after the first, trimming to the original number of
+        groups. If no round yields an informative group, the last round is used as is (its advantages are all zero)."""
         target, kept, rounds = len(prompts), [], 0
         while True:
             roll = self.rollout_fn(self.policy, prompts, self.cfg.rollout, n=self.cfg.rollout.group_size)
@@ -105,7 +107,7 @@ class RLModule(L.LightningModule):
                 rows = informative.nonzero().squeeze(1)
                 kept.append((roll.select(rows), {k: v[rows] for k, v in g.items()}))
             n_groups = sum(int(r.group_ids.unique().numel()) for r, _ in kept)
-            if n_groups >= target or rounds >= self.algo.max_sampling_rounds:
+            if n_groups >= target or rounds > self.algo.max_sampling_rounds:
                 break
             prompts = self._draw_prompts(target - n_groups)
         if not kept:
@@ -137,7 +139,8 @@ class RLModule(L.LightningModule):
         metrics.update(roll.metrics)
         metrics["perf/step_s"] = time.perf_counter() - t0
         metrics["perf/tokens_per_s"] = float(roll.attention_mask.sum()) / metrics["perf/step_s"]
-        metrics["train/rl_step"] = float(batch_idx)
+        self.rl_step += 1
+        metrics["train/rl_step"] = float(self.rl_step)
         self.last_train_metrics = metrics
         self.log_dict(metrics, on_step=True, prog_bar=False)
         self.log_dict({"reward": metrics["train/reward/mean"], "len": metrics["train/response_length/mean"]},
@@ -158,6 +161,8 @@ class RLModule(L.LightningModule):
         for _ in range(self.algo.ppo_epochs):
             order = torch.randperm(N, generator=self.gen)
             for rows in order.chunk(self.algo.ppo_minibatches):
+                if sum(gather_objects(float(mask[rows].sum()))) == 0:  # e.g. all rows overlong-filtered, on every
+                    continue  # rank: no optimizer step, so AdamW's momentum cannot move the weights on zero gradients
                 mb = roll.select(rows)
                 logp, ent, out = response_logprobs(self.policy, mb, self.cfg.rollout.temperature, entropy=True)
                 old = old_logp[rows] if old_logp is not None else logp.detach()
@@ -178,7 +183,7 @@ class RLModule(L.LightningModule):
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
-        metrics = {k: v / count for k, v in sums.items()}
+        metrics = {k: v / max(count, 1) for k, v in sums.items()}
         metrics["train/lr"] = sched.get_last_lr()[0]
         return metrics
 
@@ -207,7 +212,7 @@ class RLModule(L.LightningModule):
     def _maybe_log_samples(self, roll, g) -> None:
         every = self.cfg.sample_table_every
         step = self.trainer.global_step
-        if every <= 0 or (self.current_rl_step() % every):
+        if every <= 0 or (self.rl_step - 1) % every:
             return
         rows = [[step, s.prompt, t, s.answer, float(rw)] for s, t, rw in zip(roll.samples, roll.texts, g["rewards"])]
         for logger in self.loggers:
@@ -215,8 +220,11 @@ class RLModule(L.LightningModule):
                 logger.log_table("train/samples", columns=["step", "prompt", "completion", "gold", "reward"],
                                  data=rows[:16], step=step)
 
-    def current_rl_step(self) -> int:
-        return self.trainer.global_step // (self.algo.ppo_epochs * self.algo.ppo_minibatches)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["seqrl"] = {"rl_step": self.rl_step}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.rl_step = checkpoint.get("seqrl", {}).get("rl_step", 0)
 
     # ---------------------------------------------------------- validation
     def validation_step(self, batch: list, batch_idx: int, dataloader_idx: int = 0):
@@ -224,9 +232,30 @@ class RLModule(L.LightningModule):
         self._eval_records.setdefault(dataloader_idx, []).append(roll)
 
     def on_validation_epoch_end(self):
-        for i, rolls in sorted(self._eval_records.items()):
-            es = self.eval_sets[i]
+        for i, es in enumerate(self.eval_sets):
+            rolls = _gather_items(self._eval_records.get(i, []), self.cfg.eval.n_samples)
             result = evaluate_rollout(es, rolls, self.cfg.eval)
             self.eval_results[es.name] = result
             self.log_dict({f"eval/{es.name}/{k}": v for k, v in result["metrics"].items()})
         self._eval_records = {}
+
+
+@dataclasses.dataclass
+class _ItemRoll:
+    """The k generations of one eval item, without tensors of the prompt (what grading needs), picklable."""
+
+    samples: list
+    texts: list
+    lengths: torch.Tensor  # (k,)
+    truncated: torch.Tensor  # (k,)
+
+
+def _gather_items(rolls: list, k: int) -> list[_ItemRoll]:
+    """Per-item generations of every data-parallel rank, back in the eval set's order (rank r held items r::world)."""
+    if world_size() == 1:
+        return rolls
+    items = [_ItemRoll([dataclasses.replace(s, images=None) for s in r.samples[j:j + k]], r.texts[j:j + k],
+                       r.lengths[j:j + k], r.truncated[j:j + k])
+             for r in rolls for j in range(0, len(r), k)]
+    parts = gather_objects(items)
+    return [part[j] for j in range(max(map(len, parts))) for part in parts if j < len(part)]

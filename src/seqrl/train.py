@@ -82,7 +82,7 @@ def train(cfg: DictConfig) -> dict:
         "run_name": name, **provenance(OmegaConf.to_container(cfg, resolve=True), c.seed),
         "warmup": warm, "train": module.last_train_metrics, "eval_before": before,
         "eval": {k: v["metrics"] for k, v in module.eval_results.items()},
-        "rl_steps": module.current_rl_step(), "world_size": trainer.world_size,
+        "rl_steps": module.rl_step, "world_size": trainer.world_size,
         "ddp_params_in_sync": getattr(module, "ddp_params_in_sync", None),
     }
     if trainer.is_global_zero:

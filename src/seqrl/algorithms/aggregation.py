@@ -16,9 +16,13 @@ Data parallelism: when torch.distributed is initialised, the denominator (token 
 over ranks and the local loss is returned as local_sum / global_count * world_size. DDP averages gradients
 over ranks, so the averaged gradient equals the single-process gradient of the whole batch. Every rank must
 call these functions (they are collectives). The value of the whole-batch loss is `dp_mean(local_loss)`.
+
+A batch with no valid token at all (on every rank) has a defined loss of 0 with zero gradient, never NaN, and
+`agg_loss` warns once (EMPTY_MASK_WARNING), since it usually means every response was filtered out.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -26,6 +30,8 @@ import torch.distributed as dist
 
 AggFn = Callable[[torch.Tensor, torch.Tensor, Optional[float]], Tuple[torch.Tensor, torch.Tensor]]
 AGGREGATIONS: dict[str, AggFn] = {}
+EMPTY_MASK_WARNING = ("the loss mask has no valid token on any rank (e.g. every response overlong-filtered): "
+                      "loss 0, no gradient")
 
 
 def register_aggregation(name: str) -> Callable[[AggFn], AggFn]:
@@ -111,20 +117,32 @@ def default_norm_const(mask: torch.Tensor) -> float:
     return max(float(dp_max(longest)), 1.0)
 
 
-def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str, norm_const: float | None = None) -> torch.Tensor:
-    """Aggregate a per-token loss (B, T) under `mask` (B, T) with the named aggregation.
-
-    Returns the local loss to back-propagate: local_sum / global_count * world_size (exactly the plain
-    aggregation in a single process). With zero valid tokens everywhere the loss is 0 (no NaN).
-    """
+def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str,
+              norm_const: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """agg_loss without the empty-mask warning: (local loss to back-propagate, global count of its denominator)."""
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg={agg!r}: unknown aggregation; allowed: {', '.join(sorted(AGGREGATIONS))}")
     if loss_mat.shape != mask.shape:
         raise ValueError(f"loss shape {tuple(loss_mat.shape)} != mask shape {tuple(mask.shape)}")
+    if norm_const is not None and not norm_const > 0:
+        raise ValueError(f"norm_const={norm_const!r}: must be > 0 or None (the longest response)")
     mask = mask.to(loss_mat.dtype)
     loss_mat = torch.where(mask > 0, loss_mat, torch.zeros_like(loss_mat))  # garbage under padding stays out
     if agg == "seq-mean-token-sum-norm" and norm_const is None:
         norm_const = default_norm_const(mask)
     local_sum, local_count = AGGREGATIONS[agg](loss_mat, mask, norm_const)
-    global_count = dp_sum(local_count).clamp(min=1)
-    return local_sum / global_count * dp_world_size()
+    global_count = dp_sum(local_count)
+    return local_sum / global_count.clamp(min=1) * dp_world_size(), global_count
+
+
+def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str, norm_const: float | None = None) -> torch.Tensor:
+    """Aggregate a per-token loss (B, T) under `mask` (B, T) with the named aggregation.
+
+    Returns the local loss to back-propagate: local_sum / global_count * world_size (exactly the plain
+    aggregation in a single process). With zero valid tokens everywhere the loss is 0 (no NaN) and a
+    warning says so.
+    """
+    loss, global_count = aggregate(loss_mat, mask, agg, norm_const)
+    if float(global_count) == 0:
+        warnings.warn(f"agg_loss: {EMPTY_MASK_WARNING}", RuntimeWarning, stacklevel=2)
+    return loss

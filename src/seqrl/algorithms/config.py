@@ -39,7 +39,7 @@ class AlgorithmConfig:
     ppo_epochs: int = 1  # optimisation passes over each rollout batch
     ppo_minibatches: int = 1  # optimizer steps per pass
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample
-    max_sampling_rounds: int = 1  # cap on generation rounds to fill a batch under dynamic sampling
+    max_sampling_rounds: int = 1  # dynamic sampling: refill rounds allowed after the first generation round
     overlong_filter: bool = False  # DAPO: truncated responses get no loss (keep=False)
     soft_overlong: bool = False  # DAPO soft overlong punishment (linear ramp over the last L_cache tokens)
     overlong_max_len: Optional[int] = None  # L_max; null: the rollout's max new tokens

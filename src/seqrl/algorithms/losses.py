@@ -12,12 +12,13 @@ papers: log-ratios are capped at +-20 before exponentiation (as verl does); it n
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .aggregation import agg_loss, default_norm_const, dp_max, dp_sum, dp_world_size
+from .aggregation import EMPTY_MASK_WARNING, aggregate, default_norm_const, dp_max, dp_sum, dp_world_size
 from .config import AlgorithmConfig, resolve_config
 
 MAX_LOG_RATIO = 20.0
@@ -189,8 +190,8 @@ def _length_quartile(lengths: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, (4 * rank) // max(n, 1), torch.full_like(rank, -1))
 
 
-def _metrics(out: LossOut, log_ratio, adv, mask, pg_local, kl_local) -> dict[str, float]:
-    """Metrics as whole-batch means over all ranks' tokens (or sequences); see compute_policy_loss."""
+def _metrics(out: LossOut, log_ratio, adv, mask, pg_local, kl_local) -> tuple[dict[str, float], float]:
+    """Metrics as whole-batch means over all ranks' tokens (or sequences), and the all-rank token count."""
     valid = mask > 0
     has_tokens = (mask.sum(-1) > 0).to(mask.dtype)  # (B,)
     clipped = (out.clipped & valid).to(mask.dtype)  # (B, T)
@@ -207,9 +208,9 @@ def _metrics(out: LossOut, log_ratio, adv, mask, pg_local, kl_local) -> dict[str
     for key, per_seq in out.seq_stats.items():
         sums[key] = (per_seq.detach() * has_tokens).sum()
     s = dict(zip(sums, dp_sum(torch.stack([v.to(mask.dtype) for v in sums.values()])).tolist()))
-    big = torch.finfo(mask.dtype).max
-    hi, neg_lo = dp_max(torch.stack([torch.where(valid, out.ratio, -big).max(),
-                                     torch.where(valid, -out.ratio, -big).max()])).tolist()
+    floor = mask.new_full((1,), -torch.finfo(mask.dtype).max)  # the max of no valid token (also for B = 0)
+    hi, neg_lo = dp_max(torch.stack([torch.cat([torch.where(valid, r, floor).flatten(), floor]).max()
+                                     for r in (out.ratio, -out.ratio)])).tolist()
     tokens, seqs = max(s["tokens"], 1.0), max(s["seqs"], 1.0)
     metrics = {"train/pg_loss": s["pg_loss"], "train/pg_clipfrac": s["clipped"] / tokens,
                "train/ratio/mean": s["ratio"] / tokens if s["tokens"] else 1.0,
@@ -221,7 +222,7 @@ def _metrics(out: LossOut, log_ratio, adv, mask, pg_local, kl_local) -> dict[str
         if s[f"tokens_q{q}"]:
             metrics[f"train/pg_clipfrac/len_q{q + 1}"] = s[f"clipped_q{q}"] / s[f"tokens_q{q}"]
     metrics.update({f"train/{key}": s[key] / seqs for key in out.seq_stats})
-    return metrics
+    return metrics, s["tokens"]
 
 
 def compute_policy_loss(cfg_or_name, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -244,6 +245,10 @@ def compute_policy_loss(cfg_or_name, logp: torch.Tensor, old_logp: torch.Tensor,
     train/ppo_kl the mean of log pi_old - log pi over tokens; train/grad_token_frac the share of valid
     tokens with non-zero gradient weight (not clipped and A != 0); fspo adds train/fspo/band_low|band_high|mu
     (means over sequences, log space).
+
+    Bad input is one ValueError line: shapes that disagree with logp (B, T), NaN/inf advantages, NaN/inf
+    log-probs where mask = 1. A mask with no valid token on any rank gives loss 0 with zero gradient (never
+    NaN) and a RuntimeWarning.
     """
     cfg = resolve_config(cfg_or_name, **overrides)
     if logp.dim() != 2:
@@ -256,8 +261,9 @@ def compute_policy_loss(cfg_or_name, logp: torch.Tensor, old_logp: torch.Tensor,
         raise ValueError(f"advantages: expected shape ({logp.shape[0]},), got {tuple(advantages.shape)}")
     if cfg.kl_coef > 0 and ref_logp is None:
         raise ValueError(f"algorithm.kl_coef={cfg.kl_coef}: needs ref_logp; pass it or set kl_coef=0")
-    dtype = torch.promote_types(logp.dtype, torch.float32)  # bf16 log-probs: counts and sums in fp32
     valid = mask.bool()
+    _check_finite(valid, advantages, logp=logp, old_logp=old_logp, ref_logp=ref_logp)
+    dtype = torch.promote_types(logp.dtype, torch.float32)  # bf16 log-probs: counts and sums in fp32
     mf = valid.to(dtype)  # (B, T)
     zero = torch.zeros_like(logp, dtype=dtype)
     logp = torch.where(valid, logp.to(dtype), zero)
@@ -267,11 +273,24 @@ def compute_policy_loss(cfg_or_name, logp: torch.Tensor, old_logp: torch.Tensor,
     norm_const = cfg.norm_const
     if norm_const is None and cfg.agg == "seq-mean-token-sum-norm":
         norm_const = default_norm_const(mf)  # resolved once for the policy and the KL term
-    loss = pg_local = agg_loss(out.loss, mf, cfg.agg, norm_const)
+    loss = pg_local = aggregate(out.loss, mf, cfg.agg, norm_const)[0]
     kl_local = None
     if ref_logp is not None:
         kl = kl_penalty(logp, torch.where(valid, ref_logp.detach().to(dtype), zero), cfg.kl_estimator)  # (B, T)
-        kl_local = agg_loss(kl, mf, cfg.agg, norm_const)
+        kl_local = aggregate(kl, mf, cfg.agg, norm_const)[0]
         if cfg.kl_coef > 0:
             loss = loss + cfg.kl_coef * kl_local
-    return loss, _metrics(out, log_ratio, adv, mf, pg_local, kl_local)
+    metrics, n_tokens = _metrics(out, log_ratio, adv, mf, pg_local, kl_local)
+    if n_tokens == 0:
+        warnings.warn(f"compute_policy_loss: {EMPTY_MASK_WARNING}", RuntimeWarning, stacklevel=2)
+    return loss, metrics
+
+
+def _check_finite(valid: torch.Tensor, advantages: torch.Tensor, **log_probs) -> None:
+    """One clear line for NaN/inf advantages, or NaN/inf log-probs where mask = 1 (padding may hold anything)."""
+    named = {k: v for k, v in log_probs.items() if v is not None}
+    counts = [(~torch.isfinite(advantages)).sum()] + [(~torch.isfinite(t) & valid).sum() for t in named.values()]
+    for key, bad in zip(["advantages", *named], torch.stack(counts).tolist()):
+        if bad:
+            where = "" if key == "advantages" else " where mask = 1"
+            raise ValueError(f"{key}: {bad} non-finite value(s) (NaN or inf){where}; allowed: finite numbers")

@@ -15,6 +15,8 @@
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .config import resolve_config
@@ -44,6 +46,8 @@ def shape_rewards(cfg, correct, lengths, max_len: int, truncated, format_ok=None
     the response hit the budget without EOS; format_ok: (B,) bool or None (treated as all False).
     """
     cfg = resolve_config(cfg)
+    if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < 1:
+        raise ValueError(f"max_len={max_len!r}: must be an integer >= 1 (the rollout's max new tokens)")
     acc = torch.as_tensor(correct).float()  # (B,)
     lengths, truncated = torch.as_tensor(lengths, device=acc.device), torch.as_tensor(truncated, device=acc.device)
     if lengths.shape != acc.shape or truncated.shape != acc.shape:

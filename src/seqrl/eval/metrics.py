@@ -1,4 +1,4 @@
-"""Evaluation metrics over graded samples, plus how each local benchmark copy states its gold answer.
+"""Evaluation metrics over graded samples (gold answers per benchmark: `seqrl.eval.benchmarks`).
 
 Shapes: `correct`, `lengths`, `truncated` are (n_items, k) arrays, one row per benchmark item and one column
 per sampled response. Accuracies are fractions in [0, 1] (tables may print them x100).
@@ -6,14 +6,10 @@ per sampled response. Accuracies are fractions in [0, 1] (tables may print them 
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from string import ascii_uppercase
 
 import numpy as np
-
-BENCHMARKS = ("aime24", "aime25", "math500", "amc23", "gsm8k", "mathvista", "mathvision", "wemath", "logicvista")
 
 
 def _as_matrix(correct, name: str = "correct") -> np.ndarray:
@@ -140,48 +136,3 @@ def wemath_four_dim(records: Iterable[Mapping]) -> dict[str, float]:
     out.update({f"n_{key}": float(n[key]) for key in ("IK", "IG", "CM", "RM", "CM_loose", "RM_loose")})
     out["n_composites"] = float(total)
     return out
-
-
-# ------------------------------------------------------------------------------ benchmark gold answers
-def _wemath_choices(option: str) -> list[str] | None:
-    """'A. 3 cm;B. 4 cm; E. No correct answer' -> ['3 cm', '4 cm', ...] when the letters run A, B, C..."""
-    parts = re.split(r"(?:^|;)\s*([A-H])\.\s*", option or "")
-    ok = parts[1::2] and parts[1::2] == list(ascii_uppercase[: len(parts[1::2])])
-    return [t.strip().rstrip(";").strip() for t in parts[2::2]] if ok else None
-
-
-def benchmark_gold(benchmark: str, record: Mapping) -> tuple[str, str, dict] | None:
-    """(gold, kind, grade kwargs) for one raw record of a local benchmark copy (fields as in its SOURCE.txt),
-    or None if it has no gradeable answer (LogicVista v1_382 is empty). Feed the triple to grading.grade.
-
-    gsm8k: the number after '####'. amc23: the float without '.0'. MathVista: a multi_choice answer (an option
-    text) becomes its letter; free-form answers are int (with unit), number (with precision) or, for lists,
-    math. MathVision: a letter answer is a choice (options attached), the rest math with a trailing unit such
-    as '{degrees}' (test split) dropped. WeMath: a letter, option texts parsed from 'option'. LogicVista: one
-    or more letters (multi_choice) or a numeric label (int).
-    """
-    if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; allowed: {', '.join(BENCHMARKS)}")
-    answer = record.get("answer")
-    if benchmark in ("aime24", "aime25", "math500"):
-        return str(answer), "math", {}
-    if benchmark == "amc23":
-        return (str(int(answer)) if float(answer).is_integer() else str(answer)), "math", {}
-    if benchmark == "gsm8k":
-        return answer.split("####")[-1].strip().replace(",", ""), "number", {}
-    if benchmark == "mathvista":
-        if record["question_type"] == "multi_choice":
-            return ascii_uppercase[record["choices"].index(answer)], "choice", {"choices": record["choices"]}
-        kind = {"integer": "int", "float": "number"}.get(record["answer_type"], "math")
-        kw = {"precision": record.get("precision"), "unit": record.get("unit")} if kind != "math" else {}
-        return str(answer), kind, {key: v for key, v in kw.items() if v is not None}
-    if benchmark == "mathvision":
-        if record.get("options") or re.fullmatch(r"[A-E]", answer.strip()):
-            return answer.strip(), "choice", {"choices": record.get("options") or None}
-        return re.sub(r"(?:(?<=[\d}])|(?<=\\pi))\{[a-z]{4,}\}$", "", answer.strip()), "math", {}
-    if benchmark == "wemath":
-        return answer.strip(), "choice", {"choices": _wemath_choices(record.get("option", ""))}
-    answer = str(answer).strip()
-    if not answer:
-        return None
-    return (answer, "int", {}) if answer.isdigit() else (answer, "multi_choice", {})

@@ -1,0 +1,132 @@
+"""Every algorithm end to end: `seqrl.train.train` runs 2 RL steps of each in-process, DAPO's dynamic sampling drops
+constant groups and refills the batch, and one Hydra multirun trains every algorithm through the real CLI.
+
+Tiny settings (conftest.tiny_overrides: tiny_dense, 4 prompts x G=4, a 40-step warm-up cached under $SEQRL_CACHE_DIR
+and shared with every run of the session, test_train_e2e.py's included) with 16 new tokens, CSV logging and no
+evaluation: test_train_e2e.py covers W&B and the evaluation harness. Slow (about 2-3 minutes on 2 shared cores,
+warm-up included), still run in CI.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import compose, tiny_overrides
+
+ALGORITHMS = ["dapo", "dr_grpo", "fspo", "grpo", "gspo", "gspo_token", "luspo", "rloo"]
+FAST = ["rollout.max_new_tokens=16", "logger=csv", "eval.heldout=false"]  # + no eval benchmark (see overrides)
+COMMON_KEYS = {
+    "train/loss", "train/pg_loss", "train/pg_clipfrac", "train/ratio/mean", "train/ratio/min", "train/ratio/max",
+    "train/ppo_kl", "train/grad_token_frac", "train/entropy", "train/grad_norm", "train/lr", "train/reward/mean",
+    "train/reward/std", "train/accuracy", "train/response_length/mean", "train/response_length/clip_ratio",
+    "train/frac_reward_zero_std", "train/sampling_rounds", "train/kept_frac", "perf/tokens_per_s",
+}
+EXTRA_KEYS = {"grpo": {"train/kl_loss"}, "fspo": {"train/fspo/band_low", "train/fspo/band_high", "train/fspo/mu"}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread, here and in the CLI subprocess: on 2 cores shared with other processes, two OpenMP
+    threads made the tiny model's matmuls 15-40x slower (spinning at barriers); results do not depend on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+def overrides(out: Path, *extra: str) -> list[str]:
+    """tiny_overrides + FAST + extra (a later `key=value` replaces an earlier one), minus every eval benchmark."""
+    merged: dict[str, str] = {}
+    for item in [*tiny_overrides(out), *FAST, *extra]:
+        merged[item.split("=", 1)[0]] = item
+    suite = compose("train", list(merged.values())).eval.benchmarks
+    return [*merged.values(), *(f"~eval.benchmarks.{name}" for name in suite)]
+
+
+def train(out: Path, *extra: str) -> dict:
+    from seqrl.train import train as run
+
+    return run(compose("train", overrides(out, *extra)))
+
+
+def logged_steps(out: Path) -> list[dict]:
+    """The CSV logger's rows that hold the per-RL-step training metrics."""
+    rows = list(csv.DictReader(next(out.joinpath("csv").rglob("metrics.csv")).open()))
+    return [r for r in rows if r.get("train/reward/mean")]
+
+
+def test_every_algorithm_file_is_covered():
+    from seqrl.algorithms import available_algorithms
+
+    assert available_algorithms() == ALGORITHMS  # a new conf/algorithm file must be added here
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_two_rl_steps_log_finite_metrics(algorithm, tmp_path):
+    results = train(tmp_path, f"algorithm={algorithm}")
+    assert results["rl_steps"] == 2 and results["run_name"] == algorithm
+    assert results["config"]["algorithm"]["name"] == algorithm
+    metrics = results["train"]
+    missing = COMMON_KEYS | EXTRA_KEYS.get(algorithm, set())
+    assert not missing - set(metrics), sorted(missing - set(metrics))
+    assert not {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    assert 0 < metrics["train/response_length/mean"] <= 16 and 0 <= metrics["train/pg_clipfrac"] <= 1
+    steps = logged_steps(tmp_path)
+    assert len(steps) == 2 and all(float(r["train/sampling_rounds"]) >= 1 for r in steps)
+    assert json.loads((tmp_path / "results.json").read_text())["train"] == pytest.approx(metrics)
+
+
+@pytest.mark.slow
+def test_dapo_dynamic_sampling_drops_constant_groups_and_refills(tmp_path, monkeypatch):
+    """First round of each step: group 0 all correct (constant, dropped), groups 1-3 one correct in four; the refill
+    round draws one prompt whose group is again one in four. Soft overlong punishment is off so rewards are +-1."""
+    import seqrl.module as module
+
+    graded, keeps = [], []
+    real_keep = module.dynamic_sampling_keep
+
+    def grade(texts, golds, kinds, **kw):
+        graded.append(len(texts))
+        first = [True] * 4 if len(texts) == 16 else [True, False, False, False]
+        return first + [True, False, False, False] * (len(texts) // 4 - 1)
+
+    def keep(rewards, group_ids):
+        keeps.append(real_keep(rewards, group_ids).tolist())
+        return real_keep(rewards, group_ids)
+
+    monkeypatch.setattr(module, "grade_many", grade)
+    monkeypatch.setattr(module, "dynamic_sampling_keep", keep)
+    results = train(tmp_path, "algorithm=dapo", "algorithm.soft_overlong=false")
+    assert graded == [16, 4, 16, 4]  # per step: 4 prompts x G=4, then a refill of the one dropped prompt
+    assert keeps == [[False] * 4 + [True] * 12, [True] * 4] * 2
+    steps = logged_steps(tmp_path)
+    assert len(steps) == 2
+    for step in steps:
+        assert float(step["train/sampling_rounds"]) == 2.0
+        assert float(step["train/frac_reward_zero_std"]) == 0.0  # the constant group never reaches the loss
+        assert float(step["train/reward/mean"]) == pytest.approx(-0.5)  # every kept group is (1, -1, -1, -1)
+    assert results["rl_steps"] == 2 and results["train"]["train/sampling_rounds"] == 2.0
+
+
+@pytest.mark.slow
+def test_multirun_over_every_algorithm_through_the_cli(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [a for a in overrides(tmp_path, "trainer.max_steps=1") if not a.startswith("paths.output_dir=")]
+    cmd = [str(Path(sys.executable).parent / "seqrl-train"), "-m", *args, f"algorithm={','.join(ALGORITHMS)}",
+           f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra:job.num}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for num, algorithm in enumerate(ALGORITHMS):
+        results = json.loads((sweep / str(num) / "results.json").read_text())
+        assert results["run_name"] == algorithm and results["rl_steps"] == 1, (num, results["run_name"])
+        assert results["train"] and all(math.isfinite(v) for v in results["train"].values()), algorithm

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# The real benchmark copies: $SEQRL_DATA_DIR (as the configs read it), else ../shared/benchmarks beside the project.
+DATA_DIR = Path(os.environ.get("SEQRL_DATA_DIR") or ROOT.parent / "shared" / "benchmarks")
 os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                   TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 # Tiny models: one intra-op thread is faster than two (no sync overhead) and immune to oversubscription when

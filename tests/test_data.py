@@ -13,12 +13,13 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import DATA_DIR as BENCHMARKS
 from seqrl.config import DataConfig
 from seqrl.data import PromptDataset, check_data_source, load_samples, normalize_answer
 from seqrl.tasks import COLORS, Sample, build_task, parse_steps, response_style
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = str(ROOT.parent / "shared" / "benchmarks")
+DATA_DIR = str(BENCHMARKS)
 GSM8K = Path(DATA_DIR) / "gsm8k" / "train.jsonl"
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DATA_DIR
 from seqrl.eval import grading
 from seqrl.eval.grading import extract_answer, format_reward, grade, grade_many, verify
 from seqrl.eval.benchmarks import benchmark_gold
 
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
+BENCH = DATA_DIR
 SPLITS = {  # split name -> (benchmark, local file, records)
     "aime24": ("aime24", "aime24/test.jsonl", 30),
     "aime25": ("aime25", "aime25/aime25.jsonl", 30),

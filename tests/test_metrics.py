@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import DATA_DIR
 from seqrl.eval.metrics import (
     avg_at_k,
     bootstrap_ci,
@@ -17,7 +18,7 @@ from seqrl.eval.metrics import (
     wemath_four_dim,
 )
 
-WEMATH = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks" / "wemath" / "testmini.json"
+WEMATH = DATA_DIR / "wemath" / "testmini.json"
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

@@ -9,12 +9,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import AutoTokenizer
 
+from conftest import DATA_DIR
 from seqrl.models import FAMILIES, MODEL_CONFIG_DEFAULTS, build_policy, router_metrics
 from seqrl.tokenizer import build_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "conf" / "model"
-LOGICVISTA_IMAGES = REPO.parent / "shared" / "benchmarks" / "logicvista" / "images"
+LOGICVISTA_IMAGES = DATA_DIR / "logicvista" / "images"
 TINY = {"dense": "tiny_dense", "moe": "tiny_moe", "vl": "tiny_vl"}
 PROMPTS = ["What is 2+2?", "A much longer prompt, so that the first one gets left padding."]
 RESPONSES = ["The answer is 4.<|im_end|>", "x"]

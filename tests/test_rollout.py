@@ -53,3 +53,14 @@ def test_cat_rollouts_repads_left_and_right_and_offsets_groups():
     assert c.input_ids[2].tolist() == b.input_ids[0].tolist() + [PAD]  # response padded on the right
     assert c.attention_mask[0, 0] == 0 and c.response_mask[2].tolist() == [1, 1, 0]
     assert c.group_ids.tolist() == [0, 0, 1, 1]
+
+
+def test_segment_rows_count_each_whole_response_once():
+    b = _batch(P=2, T=3, n_rows=5, images_per_row=[0] * 5, patch_rows=0)
+    b.mm = {}
+    b.response_ids = torch.tensor([4, 2, 4, 7, 2])  # rows 0/2 and 1/4 are segments of the same responses
+    b.prompt_ids = torch.tensor([0, 0, 0, 1, 0])
+    assert b.one_row_per_response().tolist() == [1, 0, 3]  # first row of responses 2, 4, 7
+    c = cat_rollouts([b, b.select(torch.tensor([3]))], pad_id=PAD)
+    assert c.response_ids.tolist() == [4, 2, 4, 7, 2, 15] and c.prompt_ids.tolist() == [0, 0, 0, 1, 0, 3]
+    assert c.row_prompts.unique().numel() == 3

@@ -106,17 +106,17 @@ class RLModule(L.LightningModule):
             if informative.any():
                 rows = informative.nonzero().squeeze(1)
                 kept.append((roll.select(rows), {k: v[rows] for k, v in g.items()}))
-            n_groups = sum(int(r.group_ids.unique().numel()) for r, _ in kept)
-            if n_groups >= target or rounds > self.algo.max_sampling_rounds:
+            n_prompts = sum(int(r.row_prompts.unique().numel()) for r, _ in kept)
+            if n_prompts >= target or rounds > self.algo.max_sampling_rounds:
                 break
-            prompts = self._draw_prompts(target - n_groups)
+            prompts = self._draw_prompts(target - n_prompts)
         if not kept:
             return roll, g, rounds
         roll = cat_rollouts([r for r, _ in kept], self.policy.pad_token_id)
         g = {k: torch.cat([gg[k] for _, gg in kept]) for k in kept[0][1]}
-        groups = roll.group_ids.unique()
-        if groups.numel() > target:  # the last refill overshot: trim whole groups
-            rows = (roll.group_ids < groups[target]).nonzero().squeeze(1)
+        prompt_ids = roll.row_prompts.unique()
+        if prompt_ids.numel() > target:  # the last refill overshot: trim whole prompts
+            rows = (roll.row_prompts < prompt_ids[target]).nonzero().squeeze(1)
             roll, g = roll.select(rows), {k: v[rows] for k, v in g.items()}
         return roll, g, rounds
 
@@ -191,10 +191,13 @@ class RLModule(L.LightningModule):
         return self.algo.norm_const if self.algo.norm_const is not None else self.cfg.rollout.max_new_tokens
 
     def _rollout_metrics(self, roll, g, rounds) -> dict[str, float]:
-        """Rollout statistics over the global batch (gathered from every data-parallel rank)."""
+        """Rollout statistics over the global batch (gathered from every data-parallel rank); reward, accuracy and
+        length statistics count each whole response once (EqLen rows hold segments of shared responses)."""
         groups = [g["rewards"][roll.group_ids == k] for k in roll.group_ids.unique()]
         zero_std = [bool(x.std(unbiased=False) == 0) for x in groups]
-        local = (g["rewards"], g["correct"], roll.response_lengths, roll.truncated, g["keep"], zero_std)
+        one = roll.one_row_per_response()
+        local = (g["rewards"][one], g["correct"][one], roll.response_lengths[one], roll.truncated[one], g["keep"],
+                 zero_std)
         parts = gather_objects(local)
         r, correct, lengths, truncated, keep = (torch.cat([p[i] for p in parts]).float() for i in range(5))
         zero_std = sum(sum(p[5]) for p in parts) / sum(len(p[5]) for p in parts)

@@ -42,6 +42,8 @@ class RolloutBatch:
     mm: dict = field(default_factory=dict)  # multimodal tensors (pixel_values, image_grid_thw)
     gen_seconds: float = 0.0
     full_lengths: torch.Tensor | None = None  # (N,) whole-response lengths when rows hold segments (EqLen)
+    prompt_ids: torch.Tensor | None = None  # (N,) the prompt of each row; None = group_ids (one group per prompt)
+    response_ids: torch.Tensor | None = None  # (N,) the whole response of each row; None = one response per row
     metrics: dict = field(default_factory=dict)  # rollout-specific metrics (e.g. eqlen/*), logged as they are
 
     def __len__(self) -> int:
@@ -55,6 +57,18 @@ class RolloutBatch:
     def lengths(self) -> torch.Tensor:
         """Trained tokens per row (the segment length for EqLen rows)."""
         return self.response_mask.sum(1)  # (N,)
+
+    @property
+    def row_prompts(self) -> torch.Tensor:
+        return self.group_ids if self.prompt_ids is None else self.prompt_ids  # (N,)
+
+    def one_row_per_response(self) -> torch.Tensor:
+        """Indices of one row per whole response (rows holding segments of the same response counted once)."""
+        if self.response_ids is None:
+            return torch.arange(len(self))
+        _, first = torch.unique(self.response_ids, return_inverse=True)
+        return torch.zeros(int(first.max()) + 1, dtype=torch.long).scatter_reduce(
+            0, first, torch.arange(len(self)), reduce="amin", include_self=False)  # (n_responses,)
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -74,6 +88,8 @@ class RolloutBatch:
             texts=[self.texts[i] for i in idx],
             truncated=self.truncated[rows],
             full_lengths=None if self.full_lengths is None else self.full_lengths[rows],
+            prompt_ids=None if self.prompt_ids is None else self.prompt_ids[rows],
+            response_ids=None if self.response_ids is None else self.response_ids[rows],
             mm=_select_mm(self.mm, idx, [len(s.images or []) for s in self.samples]),
         )
 
@@ -147,21 +163,29 @@ def cat_rollouts(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         left, right = P - b.prompt_len, T - b.response_mask.shape[1]
         return torch.nn.functional.pad(x, (left, right), value=value)
 
-    offset, gids = 0, []
-    for b in batches:
-        gids.append(b.group_ids + offset)
-        offset += int(b.group_ids.max()) + 1 if len(b) else 0
+    def offset_ids(get) -> torch.Tensor | None:  # ids stay unique across the concatenated rollouts
+        if get(batches[0]) is None:
+            return None
+        out, offset = [], 0
+        for b in batches:
+            out.append(get(b) + offset)
+            offset += int(get(b).max()) + 1 if len(b) else 0
+        return torch.cat(out)
+
     return RolloutBatch(
         samples=[s for b in batches for s in b.samples],
         input_ids=torch.cat([pad(b, b.input_ids, pad_id) for b in batches]),
         attention_mask=torch.cat([pad(b, b.attention_mask, 0) for b in batches]),
         response_mask=torch.cat([torch.nn.functional.pad(b.response_mask, (0, T - b.response_mask.shape[1]))
                                  for b in batches]),
-        prompt_len=P, group_ids=torch.cat(gids), texts=[t for b in batches for t in b.texts],
+        prompt_len=P, group_ids=offset_ids(lambda b: b.group_ids), texts=[t for b in batches for t in b.texts],
         truncated=torch.cat([b.truncated for b in batches]),
         mm={k: torch.cat([b.mm[k] for b in batches]) for k in batches[0].mm},
         gen_seconds=sum(b.gen_seconds for b in batches),
         full_lengths=None if batches[0].full_lengths is None else torch.cat([b.full_lengths for b in batches]),
+        prompt_ids=offset_ids(lambda b: b.prompt_ids), response_ids=offset_ids(lambda b: b.response_ids),
+        metrics={k: sum(b.metrics[k] for b in batches) / len(batches)  # mean over the rollouts
+                 for k in batches[0].metrics if all(k in b.metrics for b in batches)},
     )
 
 
@@ -201,3 +225,4 @@ def rollout_from_texts(policy, samples: list, responses: list[str]) -> RolloutBa
         truncated=torch.zeros(len(samples), dtype=torch.bool),
         mm={k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc},
     )
+

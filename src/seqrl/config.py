@@ -213,6 +213,7 @@ class TrainConfig:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
+    threads: Optional[int] = None  # torch intra-op threads (None = torch's default); 1 for parallel CPU sweeps
     prompts_per_step: int = 8
     sample_table_every: int = 10  # log a W&B table of completions every N RL steps (0 = never)
     ckpt_path: Optional[str] = None  # resume from this Lightning checkpoint ("last" = the run dir's last.ckpt)
@@ -254,6 +255,7 @@ def validate(cfg: DictConfig) -> Any:
     obj = OmegaConf.to_object(cfg)
     if isinstance(obj, TrainConfig):
         _check(obj.prompts_per_step >= 1, "prompts_per_step", obj.prompts_per_step, "must be >= 1")
+        _check(obj.threads is None or obj.threads >= 1, "threads", obj.threads, "must be >= 1 or null")
         if obj.algorithm.group_relative:
             _check(obj.rollout.group_size >= 2, "rollout.group_size", obj.rollout.group_size,
                    f"algorithm {obj.algorithm.name} uses a group-relative advantage "

@@ -52,6 +52,8 @@ def train(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     c = validate(cfg)
     data_dir = str(Path(c.paths.data_dir).expanduser())
+    if c.threads:
+        torch.set_num_threads(c.threads)
     L.seed_everything(init_seed(c), workers=True, verbose=False)  # model init + warm-up (shareable across seeds)
     policy = build_policy(c.model)
     warm = warmup(policy, c, log=log.info) if c.warmup.enabled else None

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import yaml
+
+from seqrl.cli import conf_dir, group_options
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -114,17 +114,9 @@ def _integer(cfg, key, why):
         _fail(cfg, key, why)
 
 
-def conf_dir() -> Path:
-    """The config root: $SEQRL_CONF_DIR, else the installed package's conf/, else the repository's conf/."""
-    if os.environ.get("SEQRL_CONF_DIR"):
-        return Path(os.environ["SEQRL_CONF_DIR"])
-    packaged = Path(__file__).resolve().parents[1] / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[3] / "conf"
-
-
 def available_algorithms() -> list[str]:
     """Names of the algorithm files in <conf>/algorithm."""
-    return sorted(p.stem for p in (conf_dir() / "algorithm").glob("*.yaml"))
+    return group_options("algorithm")
 
 
 def _read_yaml(name: str) -> dict:

@@ -86,3 +86,15 @@ def test_two_rank_gradient_equals_one_process_on_the_whole_batch(algo):
     for g_full, g0, g1 in zip(full, results[0], results[1]):
         assert abs(g0 - g1).max() == 0  # DDP leaves identical gradients on both ranks
         assert abs(g0 - g_full).max() < 1e-6 * max(1.0, abs(g_full).max())
+
+
+def test_rank_shares_partition_the_one_process_batches():
+    from seqrl.distributed import rank_share
+
+    one = rank_share(50, steps=7, batch=8, seed=3, world=1, rank=0)
+    shares = [rank_share(50, steps=7, batch=8, seed=3, world=2, rank=r) for r in range(2)]
+    for step in range(7):
+        union = shares[0][step * 4:(step + 1) * 4] + shares[1][step * 4:(step + 1) * 4]
+        assert sorted(union) == sorted(one[step * 8:(step + 1) * 8])
+    assert sorted(one[:50]) == list(range(50))  # the shuffle covers the data once before repeating
+    assert rank_share(50, 7, 8, 4, 1, 0) != one  # the seed decides the order

@@ -1,6 +1,7 @@
 """Small data-parallel helpers: rank/world queries and object gathering that are no-ops in one process."""
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 
@@ -24,3 +25,12 @@ def gather_objects(obj) -> list:
 def shard(items: list) -> list:
     """This rank's share of `items` (round-robin, no padding: every item is seen by exactly one rank)."""
     return items[rank()::world_size()]
+
+
+def rank_share(n_items: int, steps: int, batch: int, seed: int, world: int, rank: int) -> list[int]:
+    """Item indices of `rank` for `steps` global batches of `batch` items drawn from a seeded shuffle (reshuffled
+    each pass over the data). The global batches do not depend on `world`: rank r takes positions r, r + world, ...
+    of each, so any number of ranks sees exactly the batches one process would."""
+    order = torch.utils.data.RandomSampler(range(n_items), num_samples=steps * batch,
+                                           generator=torch.Generator().manual_seed(seed))
+    return [i for pos, i in enumerate(order) if pos % batch % world == rank]

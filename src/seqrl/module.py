@@ -22,7 +22,7 @@ import torch
 
 from seqrl.algorithms import compute_advantages, compute_policy_loss, dynamic_sampling_keep, shape_rewards
 from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, response_logprobs
-from seqrl.distributed import gather_objects, shard, world_size
+from seqrl.distributed import gather_objects, rank_share, shard, world_size
 from seqrl.eval.grading import format_reward, grade_many
 from seqrl.eval.harness import EvalSet, evaluate_rollout, generate_for_eval
 
@@ -55,13 +55,12 @@ class RLModule(L.LightningModule):
         self.gen.manual_seed(self.cfg.seed + 7919 * self.trainer.global_rank)  # each rank its own draws
 
     def train_dataloader(self):
-        """One epoch = the whole run: trainer.max_steps batches. Each rank draws prompts_per_step / world prompts."""
-        per_rank = self.cfg.prompts_per_step // self.trainer.world_size
-        seed = self.cfg.seed + 7919 * self.trainer.global_rank
-        sampler = torch.utils.data.RandomSampler(self.train_samples, num_samples=self.cfg.trainer.max_steps * per_rank,
-                                                 generator=torch.Generator().manual_seed(seed))
-        return torch.utils.data.DataLoader(self.train_samples, batch_size=per_rank, sampler=sampler,
-                                           drop_last=True, collate_fn=list)
+        """One epoch = the whole run: trainer.max_steps global batches of prompts_per_step prompts, drawn from a
+        seeded shuffle that does not depend on the world size; rank r takes positions r, r + world, ... of each."""
+        B, world = self.cfg.prompts_per_step, self.trainer.world_size
+        mine = rank_share(len(self.train_samples), self.cfg.trainer.max_steps, B, self.cfg.seed, world,
+                          self.trainer.global_rank)
+        return torch.utils.data.DataLoader(self.train_samples, batch_size=B // world, sampler=mine, collate_fn=list)
 
     def val_dataloader(self):
         """Each rank generates for its shard of every eval set; records are gathered at the epoch end."""

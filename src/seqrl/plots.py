@@ -65,6 +65,7 @@ def plot_study(runs: list[Run], out_dir: Path, plots: dict[str, list[str]], wind
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = sorted({r.run_name for r in runs})
     colors = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one color per run name in every figure
@@ -78,7 +79,7 @@ def plot_study(runs: list[Run], out_dir: Path, plots: dict[str, list[str]], wind
             keys = panels_of(list(patterns), available)
             if not keys:
                 continue
-            fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False,
+            fig, axes = plt.subplots(1, len(keys), figsize=(max(4.2 * len(keys), 6.0), 3.6), squeeze=False,
                                      sharey=len(patterns) == 1)
             for ax, key in zip(axes[0], keys):
                 w = window if key.startswith("train/") else 1
@@ -91,11 +92,14 @@ def plot_study(runs: list[Run], out_dir: Path, plots: dict[str, list[str]], wind
                         ax.fill_between(steps, lo, hi, color=colors[name], alpha=0.18, lw=0)
                 ax.set_title(key, fontsize=9)
                 ax.set_xlabel("RL step")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.grid(alpha=0.3)
             axes[0][-1].legend(fontsize=7, loc="best")
-            band = "mean over seeds, band min-max" + (f", train/* moving average of {window}" if window > 1 else "")
-            fig.suptitle(f"{model}: {plot} ({band})", fontsize=10)
-            fig.tight_layout()
+            fig.suptitle(f"{model}: {plot}", fontsize=10)
+            smoothing = f"; train/* curves: trailing mean of {window} steps" if window > 1 else ""
+            fig.text(0.01, 0.01, f"line: mean over seeds; band: min-max over seeds{smoothing}", fontsize=7,
+                     color="0.4")
+            fig.tight_layout(rect=(0, 0.04, 1, 1))
             path = Path(out_dir) / f"{slug(model)}_{plot}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(path, dpi=100, metadata=PNG_METADATA)

@@ -76,7 +76,8 @@ def render_reference(entries: list[dict], tables: dict) -> str:
           "Numbers as the papers report them (results/reference.yaml), beside the same quantity from this "
           "leaderboard where it has the runs and the column. Models and scale differ (see `model`): compare "
           "directions, not values.", "",
-          "| paper | arXiv | where | model | setting | compared | reported | ours |", "|---|---|---|---|---|---|---:|---|"]
+          "| paper | arXiv | where | model | setting | compared | reported | ours |",
+          "|---|---|---|---|---|---|---:|---|"]
     for e in entries:
         compared = e["algorithm"] + {"value": "", "delta": f" - {e.get('baseline')}",
                                      "ratio": f" / {e.get('baseline')}"}[e["kind"]]

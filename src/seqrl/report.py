@@ -11,6 +11,8 @@ mean alone for one seed); the best mean of a column is in bold, except for lengt
 Failed runs are counted in their row and listed with their error. Writes <out>/leaderboard.md and .csv, with
 `reference=true` <out>/reference.md (the papers' reported numbers, results/reference.yaml, beside ours), and
 <out>/plots/*.png (seqrl.plots). Output is deterministic: sorted rows, fixed float formats, no timestamps or paths.
+The runs of a row must differ in seed only (paths and tags aside): the report refuses to average two settings.
+`raw_out=DIR` also copies what it read (results.json, error.json, CSV logs) to DIR, to commit a study's raw results.
 """
 from __future__ import annotations
 
@@ -52,8 +54,9 @@ class ReportConfig:
     unranked: List[str] = field(default_factory=lambda: ["*length*", "*truncation_rate"])
     reference: bool = False
     reference_file: str = "results/reference.yaml"
-    plots: Dict[str, List[str]] = field(default_factory=dict)  # file stem -> metric patterns, one panel each
-    smooth: int = 1  # trailing moving-average window of the plotted train/* curves (1 = raw)
+    plot: bool = True  # false: no plots
+    plots: Dict[str, List[str]] = field(default_factory=dict)  # file stem -> metric patterns (conf/report.yaml)
+    smooth: int = 5  # trailing moving-average window of the plotted train/* curves (1 = raw)
     raw_out: Optional[str] = None  # also copy what the report reads (results.json, CSV logs) here, for committing
 
     def __post_init__(self) -> None:
@@ -87,26 +90,34 @@ class Row:
     failed: list[Run] = field(default_factory=list)
 
 
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _check_same_setting(name: str, model: str, runs: list[Run]) -> None:
     """The runs of one row must differ only by seed: a row's mean +- CI is over seeds of one setting."""
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix: d}
-        return {k: v for key, sub in d.items() if not (not prefix and key in SEED_FREE_KEYS)
-                for k, v in flat(sub, f"{prefix}{key}.").items()}
-
     seeds: dict[Any, str] = {}
     for r in runs:
         if r.seed in seeds:
             raise ValueError(f"row {name} ({model}): runs {seeds[r.seed]} and {r.rel} both have seed {r.seed}; "
                              "report each run once")
         seeds[r.seed] = r.rel
-    first = flat(runs[0].config)
+    def setting(r: Run) -> dict[str, Any]:
+        return {k: v for k, v in _flatten(r.config).items() if k.split(".")[0] not in SEED_FREE_KEYS}
+
+    first = setting(runs[0])
     for r in runs[1:]:
-        other = flat(r.config)
+        other = setting(r)
         for key in sorted(set(first) | set(other)):
             if first.get(key) != other.get(key):
-                raise ValueError(f"row {name} ({model}): {runs[0].rel} and {r.rel} differ in {key.rstrip('.')} "
+                raise ValueError(f"row {name} ({model}): {runs[0].rel} and {r.rel} differ in {key} "
                                  f"({first.get(key)!r} vs {other.get(key)!r}); a row averages seeds of one setting")
 
 
@@ -207,19 +218,20 @@ def report(cfg: ReportConfig) -> str:
     from seqrl.results import write_text_atomic
     from seqrl.runs import export_raw
 
+    entries = load_reference(cfg.reference_file) if cfg.reference else None  # a bad file fails before any write
     runs = collect(cfg)
-    if cfg.raw_out and cfg.source == "local":
-        export_raw(list(cfg.dirs), cfg.raw_out)
     tables = build_tables(runs, list(cfg.metrics), list(cfg.train_metrics))
     md, csv_text = render(tables, list(cfg.train_metrics), list(cfg.unranked))
+    if cfg.raw_out and cfg.source == "local":
+        export_raw(list(cfg.dirs), cfg.raw_out)
     out = Path(cfg.out)
     write_text_atomic(out / "leaderboard.md", md)
     write_text_atomic(out / "leaderboard.csv", csv_text)
-    if cfg.reference:
-        ref_md = render_reference(load_reference(cfg.reference_file), tables)
+    if entries is not None:
+        ref_md = render_reference(entries, tables)
         write_text_atomic(out / "reference.md", ref_md)
         md += "\n" + ref_md
-    if cfg.plots:
+    if cfg.plot and cfg.plots:
         plot_study([r for r in runs if not r.failed], out / "plots", dict(cfg.plots), cfg.smooth)
     return md
 

@@ -102,20 +102,44 @@ def train(cfg: DictConfig) -> dict:
     return results
 
 
+def _write_error(cfg: DictConfig, exc: BaseException) -> None:
+    """Record a failed sweep job in its run directory (error.json: run name, error, traceback, config), so that
+    `seqrl-report` lists it with its error; Hydra re-raises the error once every job of the sweep has run."""
+    import traceback
+
+    from seqrl.results import write_json_atomic
+
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - a config that cannot resolve is recorded as written
+        config = OmegaConf.to_container(cfg, resolve=False)
+    write_json_atomic(Path(cfg.paths.output_dir) / "error.json", {
+        "run_name": run_name(cfg), "error": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(exc)), "config": config,
+    })
+
+
 def _task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from seqrl.config import validate
 
     cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         validate(cfg)
     except ValueError as exc:  # config and data errors: one line, non-zero exit
-        if HydraConfig.get().mode.name == "MULTIRUN":
+        if multirun:
+            _write_error(cfg, exc)
             raise
         print(f"seqrl-train: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    results = train(cfg)
+    try:
+        results = train(cfg)
+    except Exception as exc:  # a sweep's failed job is recorded; the other jobs run on (Hydra raises at the end)
+        if multirun:
+            _write_error(cfg, exc)
+        raise
     first = next(iter(results["eval"].values()), {})  # the sweeper's objective: avg@k of the first eval set
     return first.get(f"avg@{cfg.eval.n_samples}")
 

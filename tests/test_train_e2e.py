@@ -23,9 +23,12 @@ def run_train(out: Path, *extra: str, snapshot: dict | None = None, monkeypatch=
     from seqrl.train import train
 
     if snapshot is not None:
+        original = RLModule.on_train_start
+
         def on_train_start(self):
             snapshot["before"] = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
             snapshot["module"] = self
+            original(self)
 
         monkeypatch.setattr(RLModule, "on_train_start", on_train_start, raising=False)
     return train(compose("train", tiny_overrides(out, *extra)))

@@ -22,6 +22,7 @@ import torch
 
 from seqrl.algorithms import compute_advantages, compute_policy_loss, dynamic_sampling_keep, shape_rewards
 from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, response_logprobs
+from seqrl.checkpointing import rng_state, set_rng_state
 from seqrl.distributed import gather_objects, rank_share, shard, world_size
 from seqrl.eval.grading import format_reward, grade_many
 from seqrl.eval.harness import EvalSet, evaluate_rollout, generate_for_eval
@@ -45,6 +46,8 @@ class RLModule(L.LightningModule):
         self.eval_results: dict[str, dict] = {}
         self.last_train_metrics: dict[str, float] = {}
         self.rl_step = 0  # completed RL steps (rollouts); saved in checkpoints
+        self.bad_steps = {"total": 0, "consecutive": 0}  # steps skipped for NaN/inf (see FaultGuard)
+        self.eval_before: dict = {}
 
     # ----------------------------------------------------------------- data
     def setup(self, stage: str) -> None:
@@ -60,6 +63,8 @@ class RLModule(L.LightningModule):
         B, world = self.cfg.prompts_per_step, self.trainer.world_size
         mine = rank_share(len(self.train_samples), self.cfg.trainer.max_steps, B, self.cfg.seed, world,
                           self.trainer.global_rank)
+        done = self.rl_step * (B // world)  # resumed: start at the first step not done (same length: Lightning
+        mine = mine[done:] + mine[:done]  # counts restored batches against it; max_steps ends the run)
         return torch.utils.data.DataLoader(self.train_samples, batch_size=B // world, sampler=mine, collate_fn=list)
 
     def val_dataloader(self):
@@ -223,10 +228,18 @@ class RLModule(L.LightningModule):
                                  data=rows[:16], step=step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["seqrl"] = {"rl_step": self.rl_step}
+        checkpoint["seqrl"] = {"rl_step": self.rl_step, "rng": rng_state(self.gen), "bad_steps": self.bad_steps,
+                               "eval_before": self.eval_before}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.rl_step = checkpoint.get("seqrl", {}).get("rl_step", 0)
+        state = checkpoint["seqrl"]
+        self.rl_step, self.bad_steps, self.eval_before = state["rl_step"], state["bad_steps"], state["eval_before"]
+        self._resume_rng = state["rng"]  # applied when training starts (after Lightning's own setup draws)
+
+    def on_train_start(self) -> None:
+        if getattr(self, "_resume_rng", None) is not None:
+            set_rng_state(self._resume_rng, self.gen)
+            self._resume_rng = None
 
     # ---------------------------------------------------------- validation
     def validation_step(self, batch: list, batch_idx: int, dataloader_idx: int = 0):

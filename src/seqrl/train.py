@@ -38,6 +38,7 @@ def train(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from seqrl.checkpointing import AtomicCheckpointIO, resolve_ckpt
     from seqrl.config import validate
     from seqrl.data import load_samples
     from seqrl.eval.harness import build_eval_sets, results_table, write_samples
@@ -69,13 +70,14 @@ def train(cfg: DictConfig) -> dict:
         logger=build_loggers(cfg, out, name), check_val_every_n_epoch=None, use_distributed_sampler=False,
         val_check_interval=every if every > 0 else c.trainer.max_steps * 1000,
         callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=updates)],
+        plugins=[AtomicCheckpointIO()],
     )
-    before = {}
-    if eval_sets:
+    ckpt = resolve_ckpt(c.ckpt_path, out)
+    if eval_sets and ckpt is None:  # a resumed run restores its "before RL" scores from the checkpoint
         trainer.validate(module, verbose=False)
-        before = {k: v["metrics"] for k, v in module.eval_results.items()}
-    ckpt = str(out / "checkpoints" / "last.ckpt") if c.ckpt_path == "last" else c.ckpt_path
-    trainer.fit(module, ckpt_path=ckpt)
+        module.eval_before = {k: v["metrics"] for k, v in module.eval_results.items()}
+    trainer.fit(module, ckpt_path=ckpt, weights_only=True)
+    before = module.eval_before
     if eval_sets:
         trainer.validate(module, verbose=False)
     if trainer.is_global_zero:
@@ -122,13 +124,15 @@ def _write_error(cfg: DictConfig, exc: BaseException) -> None:
 def _task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from seqrl.checkpointing import resolve_ckpt
     from seqrl.config import validate
 
     cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         validate(cfg)
-    except ValueError as exc:  # config and data errors: one line, non-zero exit
+        resolve_ckpt(cfg.ckpt_path, Path(cfg.paths.output_dir))  # a corrupt checkpoint fails here, in one line
+    except ValueError as exc:  # config, data and checkpoint errors: one line, non-zero exit
         if multirun:
             _write_error(cfg, exc)
             raise

@@ -22,6 +22,7 @@ demo: install
 	$(BIN)/seqrl-train experiment=smoke
 
 test: install
+	bash .ci/verl_ref.sh $(VENV)  # verl's core_algos for the parity tests, beside the venv (it pins an old transformers)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -6,6 +6,7 @@ is built. `conf/train.yaml` and `conf/eval.yaml` name these schemas first in the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -24,6 +25,12 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise the one-line error every bad value gets: the key, the value and what is allowed."""
     if not ok:
         raise ValueError(f"{key}={value!r}: {allowed}")
+
+
+def _positive(key: str, value: float, note: str = "") -> None:
+    """A strictly positive, finite float (nan and inf are refused with their own wording)."""
+    _check(value > 0, key, value, "must be > 0" + note)
+    _check(math.isfinite(value), key, value, "must be a finite number > 0" + note)
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -110,7 +117,7 @@ class RolloutConfig:
         _one_of("rollout.eqlen_unpaired", self.eqlen_unpaired, ("stop", "untrained"))
         _check(self.group_size >= 1, "rollout.group_size", self.group_size, "must be >= 1")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "must be >= 1")
-        _check(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 (sampling)")
+        _positive("rollout.temperature", self.temperature, " (sampling)")
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
 
 
@@ -130,7 +137,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.n_samples >= 1, "eval.n_samples", self.n_samples, "must be >= 1")
-        _check(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        _check(0 <= self.temperature < math.inf, "eval.temperature", self.temperature,
+               "must be >= 0 and finite (0 = greedy)")
         _check(self.every_n_steps >= 0, "eval.every_n_steps", self.every_n_steps, "must be >= 0")
         _check(0 < self.top_p <= 1, "eval.top_p", self.top_p, "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
@@ -151,8 +159,12 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _positive("optim.lr", self.lr)
+        _check(0 <= self.weight_decay < math.inf, "optim.weight_decay", self.weight_decay, "must be >= 0 and finite")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
+               "must be two numbers in [0, 1)")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(not math.isnan(self.grad_clip), "optim.grad_clip", self.grad_clip, "must be a number (<= 0 = off)")
 
 
 @dataclass
@@ -168,6 +180,8 @@ class WarmupConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "warmup.steps", self.steps, "must be >= 0")
+        _check(self.batch_size >= 1, "warmup.batch_size", self.batch_size, "must be >= 1")
+        _positive("warmup.lr", self.lr)
         _check(0 <= self.worked_frac <= 1, "warmup.worked_frac", self.worked_frac, "must be in [0, 1]")
 
 
@@ -190,6 +204,17 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1")
+        _check(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "must be >= 1")
+        d = self.devices
+        _check(not isinstance(d, bool) and (d == -1 or d == "auto" or (isinstance(d, int) and d >= 1)
+                                            or (isinstance(d, (str, list)) and d not in ("", "0", []))),
+               "trainer.devices", d, "allowed: an integer >= 1, -1 (all), auto, or a non-empty list of device ids")
+
+    @property
+    def world_size(self) -> Optional[int]:
+        """Data-parallel processes when `devices` is a plain count, else None (known only at run time)."""
+        count = self.devices if isinstance(self.devices, int) and self.devices >= 1 else None
+        return count * self.num_nodes if count is not None else None
 
 
 @dataclass
@@ -214,6 +239,7 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     threads: Optional[int] = None  # torch intra-op threads (None = torch's default); 1 for parallel CPU sweeps
+    max_bad_steps: int = 3  # stop after this many consecutive RL steps skipped for NaN/inf values
     prompts_per_step: int = 8
     sample_table_every: int = 10  # log a W&B table of completions every N RL steps (0 = never)
     ckpt_path: Optional[str] = None  # resume from this Lightning checkpoint ("last" = the run dir's last.ckpt)
@@ -251,11 +277,24 @@ def validate(cfg: DictConfig) -> Any:
     Returns the typed object. Raises ValueError with one line naming the key, the value and what is allowed.
     """
     from seqrl.algorithms import ADVANTAGES  # registry of advantage estimators
+    from seqrl.algorithms.rollout import ROLLOUTS  # registry of rollout modes (seqrl.algorithms registers eqlen)
 
     obj = OmegaConf.to_object(cfg)
+    _one_of("rollout.name", obj.rollout.name, tuple(sorted(ROLLOUTS)))
+    if isinstance(obj, EvalRunConfig) and obj.checkpoint is not None:
+        _check(Path(obj.checkpoint).expanduser().exists(), "checkpoint", obj.checkpoint,
+               "no such file or directory; allowed: an HF export dir, a Lightning .ckpt file, or null (model=...)")
     if isinstance(obj, TrainConfig):
         _check(obj.prompts_per_step >= 1, "prompts_per_step", obj.prompts_per_step, "must be >= 1")
+        world = obj.trainer.world_size or 1
+        _check(obj.prompts_per_step % world == 0, "prompts_per_step", obj.prompts_per_step,
+               f"the global batch is split over trainer.devices x num_nodes = {world} processes; "
+               f"allowed: a multiple of {world}")
+        rows = obj.prompts_per_step // world * obj.rollout.group_size
+        _check(obj.algorithm.ppo_minibatches <= rows, "algorithm.ppo_minibatches", obj.algorithm.ppo_minibatches,
+               f"each process has prompts_per_step/{world} x group_size = {rows} rollout rows; allowed: 1..{rows}")
         _check(obj.threads is None or obj.threads >= 1, "threads", obj.threads, "must be >= 1 or null")
+        _check(obj.max_bad_steps >= 1, "max_bad_steps", obj.max_bad_steps, "must be >= 1")
         if obj.algorithm.group_relative:
             _check(obj.rollout.group_size >= 2, "rollout.group_size", obj.rollout.group_size,
                    f"algorithm {obj.algorithm.name} uses a group-relative advantage "

@@ -25,6 +25,7 @@ from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, response_logprobs
 from seqrl.checkpointing import rng_state, set_rng_state
 from seqrl.distributed import gather_objects, rank_share, shard, world_size
 from seqrl.eval.grading import format_reward, grade_many
+from seqrl.faults import FaultGuard, globally_finite
 from seqrl.eval.harness import EvalSet, evaluate_rollout, generate_for_eval
 
 
@@ -47,6 +48,7 @@ class RLModule(L.LightningModule):
         self.last_train_metrics: dict[str, float] = {}
         self.rl_step = 0  # completed RL steps (rollouts); saved in checkpoints
         self.bad_steps = {"total": 0, "consecutive": 0}  # steps skipped for NaN/inf (see FaultGuard)
+        self.guard = FaultGuard(cfg.max_bad_steps, self.bad_steps)
         self.eval_before: dict = {}
 
     # ----------------------------------------------------------------- data
@@ -128,7 +130,8 @@ class RLModule(L.LightningModule):
     def training_step(self, batch: list, batch_idx: int):
         t0 = time.perf_counter()
         roll, g, rounds = self._rollout(batch)
-        adv = compute_advantages(self.algo, g["rewards"], roll.group_ids)  # (N,)
+        finite_rewards = globally_finite(g["rewards"])
+        adv = compute_advantages(self.algo, g["rewards"], roll.group_ids) if finite_rewards else None  # (N,)
         mask = roll.response_mask * g["keep"].unsqueeze(1)  # (N, T) overlong filtering removes rows
         temp = self.cfg.rollout.temperature
         n_updates = self.algo.ppo_epochs * self.algo.ppo_minibatches
@@ -138,7 +141,17 @@ class RLModule(L.LightningModule):
                 old_logp = response_logprobs(self.policy, roll, temp)[0]
             if self.ref is not None:
                 ref_logp = response_logprobs(self._ref_policy(), roll, temp)[0]
-        metrics = self._update(roll, adv, mask, old_logp, ref_logp)
+        faults: list[str] = []
+        if not finite_rewards or not globally_finite(adv):
+            faults.append("rewards/advantages")
+            metrics = {}
+        elif not globally_finite(old_logp, ref_logp, mask=mask):
+            faults.append("old/reference log-probs")
+            metrics = {}
+        else:
+            metrics = self._update(roll, adv, mask, old_logp, ref_logp, faults)
+        self.guard.end_step(faults)
+        metrics["train/skipped_steps"] = float(self.bad_steps["total"])
         metrics.update(self._rollout_metrics(roll, g, rounds))
         metrics.update(roll.metrics)
         metrics["perf/step_s"] = time.perf_counter() - t0
@@ -159,7 +172,7 @@ class RLModule(L.LightningModule):
     def _ref_policy(self):
         return dataclasses.replace(self.policy, model=self.ref)
 
-    def _update(self, roll, adv, mask, old_logp, ref_logp) -> dict[str, float]:
+    def _update(self, roll, adv, mask, old_logp, ref_logp, faults: list[str]) -> dict[str, float]:
         opt, sched = self.optimizers(), self.lr_schedulers()
         N, sums, count = len(roll), {}, 0
         for _ in range(self.algo.ppo_epochs):
@@ -169,14 +182,24 @@ class RLModule(L.LightningModule):
                     continue  # rank: no optimizer step, so AdamW's momentum cannot move the weights on zero gradients
                 mb = roll.select(rows)
                 logp, ent, out = response_logprobs(self.policy, mb, self.cfg.rollout.temperature, entropy=True)
+                if not globally_finite(logp.detach(), mask=mask[rows]):
+                    faults.append("log-probs")
+                    continue
                 old = old_logp[rows] if old_logp is not None else logp.detach()
                 ref = ref_logp[rows] if ref_logp is not None else None
                 loss, m = compute_policy_loss(self.algo, logp, old, adv[rows], mask[rows], ref_logp=ref,
                                               norm_const=self._norm_const())
+                if not globally_finite(loss.detach()):
+                    faults.append("loss")
+                    continue
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
                 clip = self.cfg.optim.grad_clip
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+                if not torch.isfinite(norm):  # identical on every rank: the gradients were all-reduced
+                    opt.zero_grad(set_to_none=True)
+                    faults.append("gradients")
+                    continue
                 opt.step()
                 sched.step()
                 tok = mask[rows]
@@ -233,7 +256,8 @@ class RLModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["seqrl"]
-        self.rl_step, self.bad_steps, self.eval_before = state["rl_step"], state["bad_steps"], state["eval_before"]
+        self.rl_step, self.eval_before = state["rl_step"], state["eval_before"]
+        self.bad_steps.update(state["bad_steps"])  # the guard holds this dict
         self._resume_rng = state["rng"]  # applied when training starts (after Lightning's own setup draws)
 
     def on_train_start(self) -> None:

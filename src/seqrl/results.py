@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from importlib import metadata
@@ -56,6 +57,23 @@ def atomic_write(path: Path, write, mode: str = "w") -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_dir_atomic(path: Path, write) -> None:
+    """Fill a directory through write(tmp_dir) beside `path`, then swap it in: readers see the old or the new
+    export, never a half-written one (the old one is removed only after the new one is in place)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        write(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

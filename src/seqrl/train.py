@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> dict:
     from seqrl.loggers import build_loggers, wandb_logger
     from seqrl.models import build_policy
     from seqrl.module import RLModule
-    from seqrl.results import provenance, write_json_atomic, write_text_atomic
+    from seqrl.results import export_dir_atomic, provenance, write_json_atomic, write_text_atomic
     from seqrl.warmup import init_seed, warmup
 
     for noise in _KNOWN_NOISE:
@@ -81,7 +81,7 @@ def train(cfg: DictConfig) -> dict:
     if eval_sets:
         trainer.validate(module, verbose=False)
     if trainer.is_global_zero:
-        policy.save(out / "hf")
+        export_dir_atomic(out / "hf", policy.save)
     results = {
         "run_name": name, **provenance(OmegaConf.to_container(cfg, resolve=True), c.seed),
         "warmup": warm, "train": module.last_train_metrics, "eval_before": before,

@@ -3,6 +3,7 @@ and provenance, and the tiny Qwen2.5-VL on real MathVision, We-Math and LogicVis
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,11 @@ def test_seqrl_eval_on_an_export_writes_results_and_wandb(tiny_export, tmp_path,
     assert len(rows) == 4 and {r["gold"] for r in rows} == {"70", "588"} and all(r["length"] <= 8 for r in rows)
     assert "| aime24 |" in (tmp_path / "results.md").read_text()
     run_file = next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    history = {k: v for row in read_offline_history(run_file) for k, v in row.items()}
+    for _ in range(50):  # wandb-core may still be flushing the file for a moment after run.finish()
+        history = {k: v for row in read_offline_history(run_file) for k, v in row.items()}
+        if all(f"eval/{name}/avg@2" in history for name in saved["eval"]):
+            break
+        time.sleep(0.2)
     for name, m in saved["eval"].items():
         assert history[f"eval/{name}/avg@2"] == pytest.approx(m["avg@2"])
         assert history[f"eval/{name}/n_items"] == 2

@@ -46,6 +46,8 @@ def read_offline_history(run_file: str | Path) -> list[dict]:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written: stop at the last whole one
+            break
         chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind in (1, 4):  # FULL or LAST: a whole record
             rec = pb.Record()

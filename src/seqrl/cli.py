@@ -29,10 +29,32 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "String": "a string"}
+
+
+def _unknown_key(cause) -> str:
+    """`key: unknown key; allowed: <the keys beside it>`, with a close match first when there is one."""
+    import difflib
+
+    known = sorted(k for k in (cause.parent_node or {}) if k != "hydra")
+    bad = str(cause.key)
+    near = difflib.get_close_matches(bad, known, n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return f"{cause.full_key}: unknown key{hint}; allowed: {', '.join(known) or 'none at this level'}"
+
+
+def _wrong_type(cause, first: str) -> str:
+    """`key='value': must be an integer (...)` for a value the schema's type rejects."""
+    target = re.search(r"converted to (\w+)", first)
+    want = "true or false" if "valid bool" in first else _TYPE_WORDS.get(target.group(1) if target else "", "")
+    why = f"must be {want} (got {type(cause.value).__name__})" if want else first
+    return f"{cause.full_key}={cause.value!r}: {why}"
+
+
 def _one_line(exc: BaseException) -> str:
-    """A one-line description of a composition or validation failure."""
+    """A one-line description of a composition or validation failure: the key, the value and what is allowed."""
     from hydra.errors import MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
     msg = str(exc)
     missing = re.search(r"Could not find '([^']+)/([^'/]+)'", msg)
@@ -44,9 +66,11 @@ def _one_line(exc: BaseException) -> str:
         cause = cause.__cause__
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None)
-        first = str(cause).splitlines()[0]
-        if "Key '" in first and "not in" in first:
-            return f"{key}: unknown key ({first})"
+        first = str(cause).splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key and "not in" in first:
+            return _unknown_key(cause)
+        if isinstance(cause, ValidationError) and key and getattr(cause, "value", None) is not None:
+            return _wrong_type(cause, first)
         return f"{key}: {first}" if key else first
     return " ".join(msg.split())
 

@@ -1,11 +1,11 @@
 """Answer extraction and verification, shared by the RL reward and the evaluation harness.
 
-Safe on model output: extraction is linear-time scanning, verification never raises (a malformed or hostile
-answer is simply wrong) and every math check has a hard deadline. math-verify's own timeouts use
-``signal.alarm`` (whole seconds); we switch them off and put one ``signal.setitimer`` deadline (float seconds,
-re-firing every 50 ms in case a library swallows the first interrupt) around parse + verify. Signals only work
-in the main thread; from other threads the check runs in a spawned helper process, killed if it overruns.
-Cheap pre-filters (length, bracket nesting) reject absurd answers before sympy sees them.
+Safe on model output: extraction scans in linear time, verification never raises (a hostile answer is just wrong)
+and every math check has a hard deadline. math-verify's own timeouts use ``signal.alarm`` (whole seconds); we
+switch them off and put one ``signal.setitimer`` deadline (float seconds, re-firing every 50 ms in case a library
+swallows the first interrupt) around parse + verify. Signals only work in the main thread; from other threads the
+check runs in a spawned helper process, killed if it overruns. Cheap pre-filters (length, nesting, factorial towers
+such as ((12!)!)!, whose billion-digit values C code builds out of any signal's reach) reject absurd answers early.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 
-from math_verify import parse as _mv_parse
-from math_verify import verify as _mv_verify
+from math_verify import parse as _mv_parse, verify as _mv_verify
 
 ANSWER_KINDS = ("math", "int", "number", "choice", "multi_choice")
 MAX_ANSWER_CHARS = 600  # a longer final answer is never right on our benchmarks; sympy never sees it
@@ -36,6 +35,7 @@ _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|[-+]?\.\d+"
 _NUMBER_RE = re.compile(_NUM)
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 _FRAC_RE = re.compile(r"\\[dt]?frac\{(-?\d+)\}\{(\d+)\}")
+_TOWER_RE = re.compile(r"(?s)^(?=.*(?:(?<!\\)!(?!=)|\\Gamma|binom|choose|gcd|lcm))(?=.*(?:\^|\d{4}|!!!|[)}\]]\s*!))")
 for _name in ("math_verify.parser", "math_verify.grader"):  # we disable its timeouts on purpose
     logging.getLogger(_name).addFilter(lambda record: "Timeout is disabled" not in record.getMessage())
 
@@ -115,7 +115,7 @@ def _extract_choice(text: str, choices: list[str] | None) -> str | None:
 def _letter_set(s: str) -> str | None:
     """'A, C' / 'AC' / 'A and C' / '(A)(C)' -> 'AC'; None if `s` is not a list of capital letters."""
     s = re.sub(r"[()\[\]{}]", " ", _strip_wrappers(s)).strip()
-    if re.fullmatch(r"[A-Z](?:\s*(?:,|;|/|&|\band\b|\s)\s*[A-Z])*|[A-Z]{1,26}", s):
+    if re.fullmatch(r"[A-Z](?:\s*(?:[,;/&]|\band\b)\s*[A-Z]|\s+[A-Z])*|[A-Z]{1,26}", s):  # linear in len(s)
         return "".join(sorted(set(re.findall(r"[A-Z]", s))))
     return None
 
@@ -165,9 +165,9 @@ def _as_fraction(s: str) -> Fraction | None:
 
 
 def _too_wild(s: str) -> bool:
-    """Cheap guard: absurdly long or deeply nested answers are rejected before any parser sees them."""
+    """Cheap guard: too long, too deep, or a tower (factorial, \\Gamma, binom, gcd, lcm with ^, 4 digits, !!!, (.)!)"""
     depths = itertools.accumulate(1 if ch in "{([" else -1 if ch in "})]" else 0 for ch in s)
-    return len(s) > MAX_ANSWER_CHARS or max(depths, default=0) > MAX_NESTING
+    return len(s) > MAX_ANSWER_CHARS or max(depths, default=0) > MAX_NESTING or _TOWER_RE.match(s) is not None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -284,8 +284,8 @@ def verify(pred: str | None, gold: str, kind: str, *, timeout_s: float = 2.0, pr
     if not isinstance(pred, str):
         return False
     try:
-        if unit:  # a trailing unit, bare or in \text{}, is dropped
-            pred = re.sub(rf"\s*(?:\\text\{{\s*)?{re.escape(unit)}\s*\}}?\s*\.?$", "", pred.strip())
+        if unit:  # a trailing unit, bare or in \text{}, is dropped ((?<!\s): a match starts where its blanks do)
+            pred = re.sub(rf"(?<!\s)\s*(?:\\text\{{\s*)?{re.escape(unit)}\s*(?:\}}\s*)?\.?$", "", pred.strip())
         if kind == "math":
             return _math_equal(pred, str(gold), timeout_s)
         if kind in ("int", "number"):

@@ -59,3 +59,32 @@ def test_export_is_swapped_in_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary leftovers
     export_dir_atomic(target, lambda d: (d / "b.txt").write_text("new"))
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+def test_results_and_checkpoints_are_all_or_nothing(tmp_path):
+    """A writer that dies half-way leaves the previous file intact and no temporary file behind."""
+    import torch
+
+    from seqrl.checkpointing import AtomicCheckpointIO
+    from seqrl.results import write_json_atomic, write_jsonl_atomic
+
+    class Boom:
+        def __repr__(self):
+            raise RuntimeError("killed mid-write")
+
+    results = tmp_path / "results.json"
+    write_json_atomic(results, {"ok": 1})
+    with pytest.raises(RuntimeError):
+        write_json_atomic(results, {"ok": 2, "partial": Boom()})  # json.dump calls default(str) -> repr -> raises
+    assert results.read_text() == '{\n  "ok": 1\n}'
+    rows = tmp_path / "samples.jsonl"
+    write_jsonl_atomic(rows, [{"a": 1}])
+    with pytest.raises(RuntimeError):
+        write_jsonl_atomic(rows, ({"a": 2} if i == 0 else Boom() for i in range(2)))
+    assert rows.read_text() == '{"a": 1}\n'
+    ckpt = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, ckpt)
+    with pytest.raises(Exception):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "bad": lambda: 0}, ckpt)
+    assert torch.equal(torch.load(ckpt, weights_only=True)["state_dict"]["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "results.json", "samples.jsonl"]

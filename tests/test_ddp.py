@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import queue
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -30,13 +31,7 @@ def test_seqrl_train_ddp_two_processes(tmp_path):
     assert 0.0 <= res["train"]["train/reward/mean"] <= 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _grads(rows: list[int], texts, algo, world: int, rank: int, port: int, out):
+def _grads(rows: list[int], texts, algo, world: int, rank: int, init: str, out):
     """Gradient of the module's update path (response_logprobs -> compute_policy_loss) on `rows` of the batch."""
     from seqrl.algorithms import compute_policy_loss, load_algorithm
     from seqrl.algorithms.rollout import response_logprobs, rollout_from_texts
@@ -44,7 +39,7 @@ def _grads(rows: list[int], texts, algo, world: int, rank: int, port: int, out):
     from seqrl.models import build_policy
 
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     c = compose("train", ["paths.output_dir=/tmp/unused"])
     torch.manual_seed(0)
     policy = build_policy(c.model)
@@ -68,18 +63,26 @@ TEXTS = ["1+2=3\n\\boxed{3}", "\\boxed{7}", "4+4=8\n8-1=7\n7+2=9\n\\boxed{9}", "
 
 
 @pytest.mark.parametrize("algo", ["dapo", "grpo"])  # token-mean; seq-mean-token-mean + KL
-def test_two_rank_gradient_equals_one_process_on_the_whole_batch(algo):
+def test_two_rank_gradient_equals_one_process_on_the_whole_batch(algo, tmp_path):
     """Ranks hold differently padded halves of the batch; DDP's averaged gradient = the 1-process gradient."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    _grads(list(range(6)), TEXTS, algo, 1, 0, 0, q)
+    _grads(list(range(6)), TEXTS, algo, 1, 0, "", q)
     full = q.get()[1]
-    port = _free_port()
+    init = f"file://{tmp_path / 'rendezvous'}"  # a file store: no port to race for
     shards = [[0, 1, 3], [2, 4, 5]]  # uneven lengths: different P/T padding on each rank
-    procs = [ctx.Process(target=_grads, args=(shards[r], TEXTS, algo, 2, r, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=_grads, args=(shards[r], TEXTS, algo, 2, r, init, q)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict(q.get(timeout=300) for _ in procs)
+    results, deadline = {}, time.time() + 300
+    while len(results) < 2:
+        assert time.time() < deadline, "the 2-rank run did not finish in 300 s"  # fail fast (with the exit codes) if a rank dies instead of waiting for a timeout
+        try:
+            rank, grads = q.get(timeout=10)
+            results[rank] = grads
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not dead, f"a rank exited with {dead}"
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

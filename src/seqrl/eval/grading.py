@@ -36,6 +36,9 @@ _NUMBER_RE = re.compile(_NUM)
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 _FRAC_RE = re.compile(r"\\[dt]?frac\{(-?\d+)\}\{(\d+)\}")
 _TOWER_RE = re.compile(r"(?s)^(?=.*(?:(?<!\\)!(?!=)|\\Gamma|binom|choose|gcd|lcm))(?=.*(?:\^|\d{4}|!!!|[)}\]]\s*!))")
+# an exponent that is itself a power of a number (10^{10^{10}}, 9^9^9): with a zero factor in front, sympy's
+# comparison against a polynomial gold expands it in C code no signal stops (`010^{10^{10^{10}}}` vs `x^2+1`: 12 s)
+_EXP_TOWER_RE = re.compile(r"\^\s*(?:\{\s*)?\(?\s*\d+(?:\.\d*)?\s*\^")
 for _name in ("math_verify.parser", "math_verify.grader"):  # we disable its timeouts on purpose
     logging.getLogger(_name).addFilter(lambda record: "Timeout is disabled" not in record.getMessage())
 
@@ -165,9 +168,11 @@ def _as_fraction(s: str) -> Fraction | None:
 
 
 def _too_wild(s: str) -> bool:
-    """Cheap guard: too long, too deep, or a tower (factorial, \\Gamma, binom, gcd, lcm with ^, 4 digits, !!!, (.)!)"""
+    """Cheap guard: too long, too deep, a factorial tower (factorial, \\Gamma, binom, gcd, lcm with ^, 4 digits, !!!,
+    (.)!) or a numeric exponent tower (a^{b^c} with b a number)."""
     depths = itertools.accumulate(1 if ch in "{([" else -1 if ch in "})]" else 0 for ch in s)
-    return len(s) > MAX_ANSWER_CHARS or max(depths, default=0) > MAX_NESTING or _TOWER_RE.match(s) is not None
+    return (len(s) > MAX_ANSWER_CHARS or max(depths, default=0) > MAX_NESTING or _TOWER_RE.match(s) is not None
+            or _EXP_TOWER_RE.search(s) is not None)
 
 
 @functools.lru_cache(maxsize=4096)

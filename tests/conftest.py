@@ -43,3 +43,29 @@ def tiny_overrides(out: Path, *extra: str) -> list[str]:
         "eval.limit=8", "eval.max_new_tokens=24", "trainer.enable_progress_bar=false",
         f"paths.output_dir={out}", *extra,
     ]
+
+
+MODEL_DIR = ROOT / "conf" / "model"
+FAMILY_DATA = {"dense": "arith", "moe": "arith", "vl": "image_count"}  # each tiny family's smoke data set
+
+
+def make_policy(family: str, stops: list[int] | None = None):
+    """tiny_<family> random-initialised with seed 0; `stops` replaces the generation eos ids (varied lengths)."""
+    from omegaconf import OmegaConf
+
+    from seqrl.models import build_policy
+
+    torch.manual_seed(0)
+    policy = build_policy(OmegaConf.load(MODEL_DIR / f"tiny_{family}.yaml"))
+    if stops is not None:
+        policy.model.generation_config.eos_token_id = stops
+    return policy
+
+
+def samples_for(family: str, k: int) -> list:
+    """The first k training samples of the family's smoke data set (images for vl)."""
+    from seqrl.config import validate
+    from seqrl.data import load_samples
+
+    cfg = validate(compose("train", [f"data={FAMILY_DATA[family]}", f"model=tiny_{family}"]))
+    return load_samples(cfg.data, "train", cfg.paths.data_dir)[:k]

@@ -6,33 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import compose, tiny_overrides
+from conftest import compose, make_policy, samples_for, tiny_overrides
 from seqrl.algorithms import compute_advantages, compute_policy_loss
 from seqrl.algorithms.eqlen import build_batch, decode_samples, eqlen_rollout
-from seqrl.algorithms.eqlen_decode import Trace, Track, Unit, _Pairing, warp_logits
+from seqrl.algorithms.decode import warp_logits
+from seqrl.algorithms.eqlen_decode import Trace, Track, Unit, _Pairing
 from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, hf_generate, response_logprobs
 from seqrl.config import RolloutConfig, validate
-from seqrl.data import load_samples
-from seqrl.models import build_policy
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
-DATA = {"dense": "arith", "moe": "arith", "vl": "image_count"}
 STOPS = [2] + list(range(40, 50))  # eos plus ten characters: tracks end after ~10 tokens, so forks happen
-
-
-def make_policy(family: str, stops: list[int] | None = None):
-    torch.manual_seed(0)
-    policy = build_policy(OmegaConf.load(MODEL_DIR / f"tiny_{family}.yaml"))
-    if stops is not None:
-        policy.model.generation_config.eos_token_id = stops
-    return policy
-
-
-def samples_for(family: str, k: int) -> list:
-    cfg = validate(compose("train", [f"data={DATA[family]}", f"model=tiny_{family}"]))
-    return load_samples(cfg.data, "train", cfg.paths.data_dir)[:k]
 
 
 @pytest.fixture(scope="module")

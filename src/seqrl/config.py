@@ -101,7 +101,7 @@ class BenchmarkConfig(DataConfig):
 @dataclass
 class RolloutConfig:
     name: str = "standard"  # registry key in seqrl.algorithms.rollout: standard | eqlen
-    engine: str = "hf"  # hf | vllm
+    engine: str = "hf"  # hf (seqrl's KV-cached loop) | hf_generate (transformers generate()) | vllm
     group_size: int = 8  # G responses per prompt
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -111,7 +111,7 @@ class RolloutConfig:
     eqlen_unpaired: str = "stop"  # EqLen, fork budget spent: stop (cut the longer track) | untrained
 
     def __post_init__(self) -> None:
-        _one_of("rollout.engine", self.engine, ("hf", "vllm"))
+        _one_of("rollout.engine", self.engine, ("hf", "hf_generate", "vllm"))
         _check(self.top_k >= 0, "rollout.top_k", self.top_k, "must be >= 0 (0 = off)")
         _check(self.eqlen_max_forks >= 0, "rollout.eqlen_max_forks", self.eqlen_max_forks, "must be >= 0")
         _one_of("rollout.eqlen_unpaired", self.eqlen_unpaired, ("stop", "untrained"))

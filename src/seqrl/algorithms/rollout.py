@@ -2,7 +2,9 @@
 
 Registry `ROLLOUTS` maps a rollout config name (`rollout.name`) to a function
 `(policy, samples, cfg, *, n, greedy) -> RolloutBatch`. The standard rollout (GRPO, arXiv 2402.03300, section 4.1:
-G outputs sampled from the old policy per question) calls the model's own `generate` with the KV cache; EqLen
+G outputs sampled from the old policy per question) runs on an engine (`rollout.engine`): `hf` (default), seqrl's
+batched KV-cached loop on the transformers model (`seqrl.algorithms.decode`); `hf_generate`, the model's own
+`generate()` (same distribution, slower: it decodes finished rows to the end); `vllm` (`vllm_engine`). EqLen
 (arXiv 2604.17328) registers its own entry. Every consumer (advantages, losses, evaluation) reads only
 `RolloutBatch`, so a rollout mode plugs in without any loss knowing about it.
 
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
+
+from seqrl.algorithms.decode import decode
 
 ROLLOUTS: dict[str, Callable] = {}
 
@@ -114,44 +118,95 @@ def response_mask_from(responses: torch.Tensor, stop_ids) -> tuple[torch.Tensor,
     return (~seen_before).float(), ~is_eos.any(1)
 
 
+def _rows_and_prompts(policy, samples: list, n: int) -> tuple[list, dict]:
+    """The n-times repeated samples (rows grouped by prompt) and their encoded, left-padded prompts."""
+    rows = [s for s in samples for _ in range(n)]
+    images = [s.images or [] for s in rows]
+    return rows, policy.encode_prompts([s.prompt for s in rows], images if any(images) else None)
+
+
+def _batch(policy, rows: list, enc: dict, responses: torch.Tensor, n: int, gen_seconds: float) -> RolloutBatch:
+    """RolloutBatch of sampled `responses` (N, T): pad after the first stop token, masks, texts, images."""
+    mask, truncated = response_mask_from(responses, policy.stop_token_ids)
+    responses = torch.where(mask.bool(), responses, torch.full_like(responses, policy.pad_token_id))
+    return RolloutBatch(
+        samples=rows, input_ids=torch.cat([enc["input_ids"], responses], 1),
+        attention_mask=torch.cat([enc["attention_mask"], mask.long()], 1), response_mask=mask,
+        prompt_len=enc["input_ids"].shape[1], group_ids=torch.arange(len(rows) // n).repeat_interleave(n),
+        texts=policy.tokenizer.batch_decode(responses, skip_special_tokens=True), truncated=truncated,
+        mm={k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}, gen_seconds=gen_seconds,
+    )
+
+
+class _eval_mode:
+    """Context: the model in eval mode (no dropout), its previous mode restored after."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
 @torch.no_grad()
 def hf_generate(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> RolloutBatch:
-    """Sample `n` responses per sample with the model's KV-cached `generate`, rows grouped by prompt.
+    """Sample `n` responses per sample with the model's own KV-cached `generate` (engine `hf_generate`).
 
     cfg needs max_new_tokens, temperature, top_p, top_k (seqrl.config.RolloutConfig or EvalConfig).
     """
-    rows = [s for s in samples for _ in range(n)]
-    images = [s.images or [] for s in rows]
-    enc = policy.encode_prompts([s.prompt for s in rows], images if any(images) else None)
+    rows, enc = _rows_and_prompts(policy, samples, n)
     P = enc["input_ids"].shape[1]
-    model = policy.model
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
     sampling = {} if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=getattr(cfg, "top_k", 0))
-    out = model.generate(
-        **enc, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, use_cache=True,
-        pad_token_id=policy.pad_token_id, eos_token_id=policy.stop_token_ids, **sampling,
-    )  # (N, P+T)
-    gen_seconds = time.perf_counter() - t0
-    model.train(was_training)
-    responses = out[:, P:]
-    mask, truncated = response_mask_from(responses, policy.stop_token_ids)
-    responses = torch.where(mask.bool(), responses, torch.full_like(responses, policy.pad_token_id))
-    attention = torch.cat([enc["attention_mask"], mask.long()], 1)
-    texts = policy.tokenizer.batch_decode(responses, skip_special_tokens=True)
-    mm = {k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}
-    return RolloutBatch(
-        samples=rows, input_ids=torch.cat([enc["input_ids"], responses], 1), attention_mask=attention,
-        response_mask=mask, prompt_len=P, group_ids=torch.arange(len(samples)).repeat_interleave(n),
-        texts=texts, truncated=truncated, mm=mm, gen_seconds=gen_seconds,
-    )
+    t0 = time.perf_counter()
+    with _eval_mode(policy.model):
+        out = policy.model.generate(
+            **enc, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, use_cache=True,
+            pad_token_id=policy.pad_token_id, eos_token_id=policy.stop_token_ids, **sampling,
+        )  # (N, P+T)
+    return _batch(policy, rows, enc, out[:, P:], n, time.perf_counter() - t0)
+
+
+def hf_decode(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> RolloutBatch:
+    """Sample `n` responses per sample with seqrl's KV-cached loop on the HF model (engine `hf`, the default):
+    the same distribution as `hf_generate`, finished rows leave the batch (`seqrl.algorithms.decode`).
+
+    Models that only answer through their own `generate` (`decode_with_generate = True`, e.g. the oracle) use it.
+    """
+    if getattr(policy.model, "decode_with_generate", False):
+        return hf_generate(policy, samples, cfg, n=n, greedy=greedy)
+    images = [s.images or [] for s in samples]
+    enc = policy.encode_prompts([s.prompt for s in samples], images if any(images) else None)  # one row/prompt
+    with _eval_mode(policy.model):
+        tokens, seconds = decode(policy, enc, n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, top_k=getattr(cfg, "top_k", 0), greedy=greedy)  # (N, T)
+    rows = torch.arange(len(samples)).repeat_interleave(n)  # (N,) the prompt of each row
+    enc_rows = {k: enc[k][rows] for k in ("input_ids", "attention_mask")}  # (N, P)
+    enc_rows.update(_select_mm({k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}, rows.tolist(),
+                               [len(im) for im in images]))
+    return _batch(policy, [samples[i] for i in rows.tolist()], enc_rows, tokens, n, seconds)
+
+
+def _vllm(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> RolloutBatch:
+    from seqrl.algorithms.vllm_engine import vllm_generate  # optional: only this engine needs vLLM
+
+    return vllm_generate(policy, samples, cfg, n=n, greedy=greedy)
+
+
+ENGINES: dict[str, Callable] = {"hf": hf_decode, "hf_generate": hf_generate, "vllm": _vllm}
+
+
+def generate(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> RolloutBatch:
+    """n sampled responses per sample from the engine `cfg.engine` (default hf; EvalConfig has none: hf)."""
+    return ENGINES[getattr(cfg, "engine", "hf")](policy, samples, cfg, n=n, greedy=greedy)
 
 
 @register_rollout("standard")
 def standard_rollout(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> RolloutBatch:
     """GRPO-style group sampling (arXiv 2402.03300): n i.i.d. samples per prompt from the current policy."""
-    return hf_generate(policy, samples, cfg, n=n, greedy=greedy)
+    return generate(policy, samples, cfg, n=n, greedy=greedy)
 
 
 def cat_rollouts(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:

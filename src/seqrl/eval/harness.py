@@ -1,7 +1,7 @@
 """The evaluation harness shared by training (Lightning validation hook) and `seqrl-eval`.
 
 Items come from `seqrl.eval.benchmarks` (local copy first, gold mapping, prompt template) or from the held-out
-split of the training data; generation uses the rollout engine (`seqrl.algorithms.rollout.hf_generate`: batched,
+split of the training data; generation uses the rollout engine (`seqrl.algorithms.rollout.generate`: batched,
 KV-cached, images opened just before encoding); grading uses the same extractor and verifier as the RL reward
 (`seqrl.eval.grading`, per-item options from `Sample.meta["grade_kw"]`); metrics come from `seqrl.eval.metrics`
 (avg@k, unbiased pass@k, maj@k, bootstrap CI, mean response length, truncation rate) plus a benchmark's own
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seqrl.algorithms.rollout import hf_generate
+from seqrl.algorithms.rollout import generate
 from seqrl.eval.benchmarks import BENCHMARK_METRICS, BenchmarkSkipped, load_benchmark
 from seqrl.eval.grading import extract_answer, grade_many
 from seqrl.eval.metrics import summarize
@@ -65,7 +65,7 @@ def generate_for_eval(policy, samples: list, eval_cfg):
     from seqrl.data import materialize
 
     samples = [materialize(s) for s in samples]
-    return hf_generate(policy, samples, eval_cfg, n=eval_cfg.n_samples, greedy=eval_cfg.temperature == 0)
+    return generate(policy, samples, eval_cfg, n=eval_cfg.n_samples, greedy=eval_cfg.temperature == 0)
 
 
 def evaluate_rollout(es: EvalSet, rolls: list, eval_cfg) -> dict:

@@ -7,7 +7,7 @@ verifier, or in how the harness feeds items to the model (a prompt or image that
   own `eval` (and `data`) config; the oracle loads the suite with `harness.build_eval_sets`, exactly as the
   harness does, and memorises one response per item, keyed by a hash of the prompt text and of its images' pixels;
 - `OracleFamily.encode` tokenizes the chat-formatted prompts (char tokenizer) and computes the same key per row;
-- `OracleModel.generate` (called by the rollout engine `hf_generate`) writes "... \\boxed{<gold>}" for that key,
+- `OracleModel.generate` (called by the rollout engines, see `decode_with_generate`) writes "... \\boxed{<gold>}" for that key,
   e.g. `\\boxed{C}` for a multiple-choice item, as token ids ending with EOS; an item it never saw gets
   "I do not know.", and items it cannot tell apart (same prompt and images, different answers: text-only MathVista
   repeats questions such as "How many objects are left?") get "I cannot tell these items apart."; both are
@@ -54,6 +54,8 @@ class OracleConfig:
 
 class OracleModel(torch.nn.Module):
     """Answers each memorised item with its reference; `generate` has the transformers signature it is called with."""
+
+    decode_with_generate = True  # the rollout engines call `generate` (there is no KV cache to decode with)
 
     def __init__(self, book: dict[int, str], tokenizer) -> None:
         super().__init__()

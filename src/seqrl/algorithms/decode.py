@@ -1,0 +1,167 @@
+"""A batched, KV-cached decoding loop on a transformers model, shared by the standard and EqLen rollouts.
+
+`generate()` keeps every finished row in the batch until the longest one ends and runs its logits processors and
+stopping criteria as Python objects each step; on the small models and short budgets of RL that overhead and the
+dead rows dominate. Here:
+
+- prefill once per prompt (images encoded once), then the cache rows are repeated for the n responses;
+- every step samples one token per running row (temperature, top-k, top-p and the model's `suppress_tokens`,
+  in the order and with the arithmetic of HF `generate`, so the re-scoring `Policy.forward` at the same
+  temperature sees the sampling distribution when top-k/top-p are off, and a row's tokens equal `generate()`'s
+  for the same RNG state until the first compaction);
+- a finished row frees its slot; free slots decode garbage until a fork reuses them (EqLen) or they pass
+  COMPACT_FRAC of the batch, when `Cache.reorder_cache` compacts the cache (one copy per compaction, not one per
+  finished row);
+- positions are fed explicitly, as `Policy.forward` computes them: cumsum(mask) - 1 for text, Qwen2.5-VL's 3-D
+  mrope positions (`get_rope_index`) for prompts with images; a response token continues from the prompt's last
+  position + 1 on all three axes.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from seqrl.models import get_family
+
+COMPACT_FRAC = 0.25  # compact the cache when more than this share of its rows are free slots
+
+
+def warp_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                suppress: torch.Tensor | None) -> torch.Tensor:
+    """HF generate's processing of next-token logits (B, V): suppress_tokens -> temperature -> top-k -> top-p."""
+    logits = logits.to(torch.float32)
+    if suppress is not None:
+        logits = logits.masked_fill(suppress, -float("inf"))
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1)  # ascending
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # (B, V)
+        drop[:, -1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, greedy: bool,
+                suppress: torch.Tensor | None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V): the argmax (greedy) or a sample of softmax(warp_logits(...))."""
+    if greedy:
+        return warp_logits(logits, 1.0, 1.0, 0, suppress).argmax(-1)
+    return torch.multinomial(warp_logits(logits, temperature, top_p, top_k, suppress).softmax(-1), 1).squeeze(1)
+
+
+class DecodeRows:
+    """The decoding batch: a slot (row) per running track, with its cache row, attention mask and next position.
+
+    A finished track's slot is freed (track id -1) and keeps decoding garbage until a fork reuses it (an
+    in-place copy of the parent's cache row) or free slots exceed COMPACT_FRAC of the batch, when the cache is
+    compacted: one cache copy per compaction instead of one per finished track.
+    """
+
+    def __init__(self, model, enc: dict, family: str, n: int):
+        ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
+        mm = {k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}
+        kw = get_family(family).forward_kwargs(model, ids, mask, mm)
+        kw.pop("output_router_logits", None)
+        if "position_ids" not in kw:  # vl with images: Qwen2.5-VL's 3-D mrope positions
+            kw["position_ids"] = model.model.get_rope_index(
+                ids, image_grid_thw=mm["image_grid_thw"], attention_mask=mask,
+                mm_token_type_ids=kw.pop("mm_token_type_ids"))[0]  # (3, B, P)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
+        self.cache = out.past_key_values
+        self.cache.batch_repeat_interleave(n)
+        self.logits = out.logits[:, -1].repeat_interleave(n, 0)  # (B*n, V)
+        self.mask = mask.repeat_interleave(n, 0)  # (B*n, P+t)
+        self.next_pos = (kw["position_ids"][..., -1] + 1).repeat_interleave(n, -1)  # (B*n,) or (3, B*n)
+        self.track = torch.arange(ids.shape[0] * n)  # (rows,) track id of each slot, -1 = free
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep (and duplicate) rows `idx` (CPU long): KV cache, mask, positions, logits and track ids follow."""
+        self.cache.reorder_cache(idx)
+        self.mask, self.track, self.logits = self.mask[idx], self.track[idx], self.logits[idx]
+        self.next_pos = self.next_pos[..., idx]
+
+    def release(self, tracks: set[int], keep_free: int) -> torch.Tensor | None:
+        """Free the slots of `tracks`; if more than COMPACT_FRAC of the slots (beyond keep_free) are free, compact
+        and return the kept row indices (None when nothing moved)."""
+        if tracks:
+            self.track[torch.isin(self.track, torch.tensor(sorted(tracks)))] = -1
+        free = (self.track < 0).nonzero().squeeze(1)
+        if len(free) - keep_free <= COMPACT_FRAC * len(self.track):
+            return None
+        kept = torch.cat([(self.track >= 0).nonzero().squeeze(1), free[:keep_free]])
+        self.select(kept)
+        return kept
+
+    def fork(self, parents: list[int], children: list[int]) -> torch.Tensor:
+        """Give each child a copy of its parent's slot (cache row, mask, position, logits); returns child rows."""
+        where = {tr: i for i, tr in enumerate(self.track.tolist())}
+        src = torch.tensor([where[p] for p in parents])
+        free = (self.track < 0).nonzero().squeeze(1)
+        dst, extra = free[:len(src)], src[len(free):]
+        if len(dst):
+            for layer in self.cache.layers:
+                layer.keys[dst.to(layer.keys.device)] = layer.keys[src[:len(dst)].to(layer.keys.device)]
+                layer.values[dst.to(layer.values.device)] = layer.values[src[:len(dst)].to(layer.values.device)]
+            self.mask[dst], self.logits[dst] = self.mask[src[:len(dst)]], self.logits[src[:len(dst)]]
+            self.next_pos[..., dst] = self.next_pos[..., src[:len(dst)]]
+        if len(extra):  # no free slot left: append rows
+            n_rows = len(self.track)
+            self.select(torch.cat([torch.arange(n_rows), extra]))
+            dst = torch.cat([dst, torch.arange(n_rows, n_rows + len(extra))])
+        self.track[dst] = torch.tensor(children)
+        return dst
+
+    def step(self, model, tokens: torch.Tensor) -> None:
+        """Feed one token per slot (B,); the logits for the next position replace `self.logits`."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+        out = model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos[..., None],
+                    past_key_values=self.cache, use_cache=True)
+        self.cache, self.logits = out.past_key_values, out.logits[:, -1]
+        self.next_pos = self.next_pos + 1
+
+
+def suppress_mask(model, vocab: int) -> torch.Tensor | None:
+    """(V,) bool mask of the model's generation_config.suppress_tokens, or None when there are none."""
+    suppressed = list(model.generation_config.suppress_tokens or [])
+    if not suppressed:
+        return None
+    mask = torch.zeros(vocab, dtype=torch.bool, device=model.device)
+    mask[suppressed] = True
+    return mask
+
+
+@torch.no_grad()
+def decode(policy, enc: dict, *, n: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+           top_k: int = 0, greedy: bool = False) -> tuple[torch.Tensor, float]:
+    """n independent responses per prompt of `enc` (Policy.encode_prompts output, one row per prompt).
+
+    Returns (tokens (B*n, T) long with T <= max_new_tokens the longest response, rows grouped by prompt, pad
+    after each row's stop token; seconds
+    of prefill + decoding). Rows stop at any of `policy.stop_token_ids`; finished rows leave the batch.
+    """
+    model = policy.model
+    stop = torch.as_tensor(policy.stop_token_ids, device=model.device)
+    t0 = time.perf_counter()
+    rows = DecodeRows(model, {k: v.to(model.device) for k, v in enc.items()}, policy.family, n)
+    suppress = suppress_mask(model, rows.logits.shape[-1])
+    buf = torch.full((len(rows.track), max_new_tokens), policy.pad_token_id, dtype=torch.long)
+    running, t = len(rows.track), 0
+    for t in range(max_new_tokens):
+        tok = sample_next(rows.logits, temperature, top_p, top_k, greedy, suppress)  # (slots,)
+        live = rows.track >= 0  # (slots,)
+        buf[rows.track[live], t] = tok.cpu()[live]
+        is_stop = torch.isin(tok, stop).cpu() & live
+        if t + 1 == max_new_tokens:
+            break
+        kept = None
+        if bool(is_stop.any()):
+            running -= int(is_stop.sum())
+            if running == 0:
+                break
+            kept = rows.release(set(rows.track[is_stop].tolist()), keep_free=0)
+        rows.step(model, tok if kept is None else tok[kept.to(tok.device)])
+    return buf[:, :t + 1], time.perf_counter() - t0  # as generate(): as wide as the longest response

@@ -1,0 +1,95 @@
+"""seqrl's KV-cached decoding loop (engine `hf`, the default) against transformers' own `generate()` (engine
+`hf_generate`): the same tokens greedily on the three tiny families with rows ending at different steps, the same
+samples for the same RNG state while no compaction happens, and the same batch layout (prompts, masks, images)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_policy, samples_for
+from seqrl.algorithms import decode as decode_mod
+from seqrl.algorithms.rollout import ENGINES, ROLLOUTS, generate, hf_decode, hf_generate
+from seqrl.config import RolloutConfig
+
+STOPS = [2] + list(range(40, 50))  # eos plus ten characters: rows end after ~10 tokens, at different steps
+
+
+def assert_same_batch(a, b) -> None:
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert torch.equal(a.attention_mask, b.attention_mask) and torch.equal(a.response_mask, b.response_mask)
+    assert a.prompt_len == b.prompt_len and torch.equal(a.group_ids, b.group_ids)
+    assert a.texts == b.texts and torch.equal(a.truncated, b.truncated)
+    assert a.mm.keys() == b.mm.keys() and all(torch.equal(a.mm[k], b.mm[k]) for k in a.mm)
+    assert [s.prompt for s in a.samples] == [s.prompt for s in b.samples]
+
+
+def stops_from_a_first_pass(policy, samples, cfg, n: int) -> None:
+    """Make greedy rows end at different steps: perturb the weights (varied greedy text), then add the stop token
+    whose first occurrence varies most across the rows of a first greedy pass."""
+    torch.manual_seed(1)
+    for param in policy.model.parameters():  # a random-init model repeats one token greedily: perturb it
+        param.data.add_(0.2 * torch.randn_like(param))
+    first = hf_generate(policy, samples, cfg, n=n, greedy=True).responses  # (N, T)
+
+    def ends(tok: int) -> set[int]:
+        hits = (first == tok).int()
+        return {int(h.argmax()) if h.any() else first.shape[1] for h in hits}
+
+    best = max(set(first[:, 1:].flatten().tolist()), key=lambda tok: len(ends(tok)))
+    policy.model.generation_config.eos_token_id = [policy.eos_token_id, best]
+
+
+@pytest.mark.parametrize("family", ["dense", "moe", "vl"])
+def test_greedy_tokens_equal_generate_with_rows_ending_early(family):
+    policy = make_policy(family)
+    samples = samples_for(family, 3)
+    cfg = RolloutConfig(max_new_tokens=24)
+    stops_from_a_first_pass(policy, samples, cfg, n=2)
+    ours, theirs = hf_decode(policy, samples, cfg, n=2, greedy=True), hf_generate(policy, samples, cfg, n=2, greedy=True)
+    assert_same_batch(ours, theirs)
+    lengths = ours.lengths.tolist()
+    assert len(set(lengths)) > 1 and min(lengths) < 24, lengths  # rows really ended early, at different steps
+
+
+@pytest.mark.parametrize("family", ["dense", "vl"])
+def test_samples_equal_generate_for_the_same_rng_state_without_compaction(family, monkeypatch):
+    """Same warping arithmetic, same RNG draws (finished rows keep drawing until a compaction), so same tokens."""
+    monkeypatch.setattr(decode_mod, "COMPACT_FRAC", 1.0)  # never compact: the batch shape generate() samples from
+    policy = make_policy(family, STOPS)
+    samples = samples_for(family, 2)
+    for cfg in (RolloutConfig(max_new_tokens=20), RolloutConfig(max_new_tokens=20, temperature=0.7, top_p=0.9,
+                                                                    top_k=20)):
+        torch.manual_seed(3)
+        ours = hf_decode(policy, samples, cfg, n=4)
+        torch.manual_seed(3)
+        theirs = hf_generate(policy, samples, cfg, n=4)
+        assert_same_batch(ours, theirs)
+
+
+def test_compaction_drops_finished_rows_and_keeps_each_rows_tokens(monkeypatch):
+    """With compaction on, every row's greedy tokens are still its own (rows move inside the cache)."""
+    calls = []
+    original = decode_mod.DecodeRows.select
+    monkeypatch.setattr(decode_mod.DecodeRows, "select", lambda self, idx: (calls.append(len(idx)),
+                                                                             original(self, idx))[1])
+    policy = make_policy("dense")
+    samples = samples_for("dense", 4)
+    cfg = RolloutConfig(max_new_tokens=32)
+    stops_from_a_first_pass(policy, samples, cfg, n=4)
+    ours = hf_decode(policy, samples, cfg, n=4, greedy=True)
+    assert calls and min(calls) < 16  # the batch shrank at least once
+    assert_same_batch(ours, hf_generate(policy, samples, cfg, n=4, greedy=True))
+
+
+def test_engine_dispatch_and_training_mode_restored():
+    policy = make_policy("dense")
+    policy.model.train()
+    samples = samples_for("dense", 1)
+    torch.manual_seed(0)
+    a = ROLLOUTS["standard"](policy, samples, RolloutConfig(max_new_tokens=6, engine="hf"), n=2)
+    torch.manual_seed(0)
+    b = generate(policy, samples, RolloutConfig(max_new_tokens=6, engine="hf_generate"), n=2)
+    assert policy.model.training and torch.equal(a.input_ids, b.input_ids)
+    assert set(ENGINES) == {"hf", "hf_generate", "vllm"}
+    with pytest.raises(ValueError, match=r"rollout.engine.*'tgi'.*allowed: hf, hf_generate, vllm"):
+        RolloutConfig(engine="tgi")

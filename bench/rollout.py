@@ -1,14 +1,16 @@
-"""Generated tokens per second: the standard rollout (HF `generate`) vs the EqLen rollout, same model and prompts.
+"""Generated tokens per second of the rollouts, same model and prompts: standard on seqrl's KV-cached loop (engine
+hf, the default), standard on transformers' `generate()` (engine hf_generate), and EqLen.
 
     python bench/rollout.py                                   # tiny_dense, tiny_moe, tiny_vl; 5 repeats
     python bench/rollout.py --models tiny_dense --repeats 9 --extra-stops 10 --threads 0
 
-Both rollouts get the same prompts, the same n responses per prompt, the same token budget and the same seed in
-each repeat; repeats alternate standard / EqLen so that load from other processes hits both alike. Tokens/s counts
-generated tokens only: response tokens up to the stop token for the standard rollout, every track's own tokens
-(forks included, inherited prefixes not) for EqLen, per second of prefill + decoding. Reported: min / median / max
-over repeats, the ratio of medians (EqLen / standard), and the median generated tokens per prompt and seconds
-per rollout (EqLen decodes more tokens per prompt: its forks). `--extra-stops K` adds K characters to the stop
+All rollouts get the same prompts, the same n responses per prompt, the same token budget and the same seed in
+each repeat; the order of the rollouts rotates between repeats so that load from other processes hits all alike.
+Tokens/s counts generated tokens only: response tokens up to the stop token for the standard rollout, every
+track's own tokens (forks included, inherited prefixes not) for EqLen, per second of prefill + decoding.
+Reported: min / median / max over repeats, ratios of medians (to the standard rollout on engine hf), and the
+median generated tokens per prompt and seconds per rollout (EqLen decodes more tokens per prompt: its forks).
+Writes results/perf/rollout.json. `--extra-stops K` adds K characters to the stop
 tokens, so the random-init models end responses early (varied lengths, hence forks) instead of running to the
 budget.
 """
@@ -16,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Record, summary
 from seqrl.algorithms.rollout import ROLLOUTS
 from seqrl.config import DataConfig, RolloutConfig
 from seqrl.data import load_samples
@@ -38,10 +44,15 @@ def load_prompts(model: str, k: int) -> list:
     return load_samples(OmegaConf.to_object(cfg), "train", str(ROOT.parent / "shared" / "benchmarks"))[:k]
 
 
-def measure(name: str, policy, samples, cfg, n: int, seed: int) -> tuple[float, float]:
+VARIANTS = {"standard/hf": ("standard", "hf"), "standard/hf_generate": ("standard", "hf_generate"),
+            "eqlen": ("eqlen", "hf")}  # label -> (rollout.name, rollout.engine)
+
+
+def measure(label: str, policy, samples, cfg, n: int, seed: int) -> tuple[float, float]:
     """(generated tokens per second, seconds) of one rollout."""
+    name, engine = VARIANTS[label]
     torch.manual_seed(seed)
-    batch = ROLLOUTS[name](policy, samples, cfg, n=n)
+    batch = ROLLOUTS[name](policy, samples, replace(cfg, name=name, engine=engine), n=n)
     if name == "eqlen":
         return batch.metrics["perf/gen_tokens_per_s"], batch.gen_seconds
     return float(batch.response_mask.sum()) / batch.gen_seconds, batch.gen_seconds
@@ -55,12 +66,13 @@ def bench_model(model: str, args) -> dict[str, list[tuple[float, float]]]:
     samples = load_prompts(model, args.prompts)
     cfg = RolloutConfig(name="eqlen", group_size=args.n, max_new_tokens=args.max_new_tokens,
                         eqlen_max_forks=args.max_forks)
-    for name in ("standard", "eqlen"):  # untimed warm-up call each
-        measure(name, policy, samples, cfg, args.n, seed=12345)
-    results: dict[str, list[tuple[float, float]]] = {"standard": [], "eqlen": []}
+    labels = list(VARIANTS)
+    for label in labels:  # untimed warm-up call each
+        measure(label, policy, samples, cfg, args.n, seed=12345)
+    results: dict[str, list[tuple[float, float]]] = {label: [] for label in labels}
     for rep in range(args.repeats):
-        for name in (("standard", "eqlen") if rep % 2 == 0 else ("eqlen", "standard")):
-            results[name].append(measure(name, policy, samples, cfg, args.n, seed=rep))
+        for label in labels[rep % 3:] + labels[:rep % 3]:
+            results[label].append(measure(label, policy, samples, cfg, args.n, seed=rep))
     return results
 
 
@@ -80,20 +92,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"{args.prompts} prompts x {args.n} responses, budget {args.max_new_tokens} tokens, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads, extra stops {args.extra_stops}")
-    print(f"{'model':<11} {'rollout':<9} {'tokens/s min':>12} {'median':>9} {'max':>9} {'tokens/prompt':>14} "
-          f"{'s/rollout':>10}")
+    record = Record("rollout", vars(args) | {"threads": torch.get_num_threads()})
+    print(f"{'model':<11} {'rollout':<21} {'tokens/s min':>12} {'median':>9} {'max':>9} {'tokens/prompt':>14} "
+          f"{'s/rollout':>10} {'x hf':>6}")
     for model in args.models:
         t0 = time.perf_counter()
         results = bench_model(model, args)
-        medians = {}
-        for name, runs in results.items():
-            rates, secs = [r for r, _ in runs], [s for _, s in runs]
-            medians[name] = statistics.median(rates)
+        base = statistics.median(r for r, _ in results["standard/hf"])
+        for label, runs in results.items():
+            rates, secs = summary([r for r, _ in runs]), summary([s for _, s in runs])
             per_prompt = statistics.median(r * s / args.prompts for r, s in runs)
-            print(f"{model:<11} {name:<9} {min(rates):>12.0f} {medians[name]:>9.0f} {max(rates):>9.0f} "
-                  f"{per_prompt:>14.0f} {statistics.median(secs):>10.3f}")
-        ratio = medians["eqlen"] / medians["standard"]
-        print(f"{model:<11} eqlen/standard (ratio of medians) {ratio:.2f}   [{time.perf_counter() - t0:.0f} s]")
+            ratio = rates["median"] / base
+            print(f"{model:<11} {label:<21} {rates['min']:>12.0f} {rates['median']:>9.0f} {rates['max']:>9.0f} "
+                  f"{per_prompt:>14.0f} {secs['median']:>10.3f} {ratio:>6.2f}")
+            record.add(model=model, rollout=label, tokens_per_s=rates, tokens_per_prompt=per_prompt,
+                       seconds_per_rollout=secs, ratio_to_standard_hf=ratio)
+        print(f"{model:<11} [{time.perf_counter() - t0:.0f} s]")
+    record.note("x hf: ratio of median tokens/s to the standard rollout on engine hf (seqrl's KV-cached loop)")
+    record.write()
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def test_greedy_tokens_equal_generate_with_rows_ending_early(family):
     samples = samples_for(family, 3)
     cfg = RolloutConfig(max_new_tokens=24)
     stops_from_a_first_pass(policy, samples, cfg, n=2)
-    ours, theirs = hf_decode(policy, samples, cfg, n=2, greedy=True), hf_generate(policy, samples, cfg, n=2, greedy=True)
+    ours = hf_decode(policy, samples, cfg, n=2, greedy=True)
+    theirs = hf_generate(policy, samples, cfg, n=2, greedy=True)
     assert_same_batch(ours, theirs)
     lengths = ours.lengths.tolist()
     assert len(set(lengths)) > 1 and min(lengths) < 24, lengths  # rows really ended early, at different steps

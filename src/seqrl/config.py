@@ -240,6 +240,7 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = None  # torch intra-op threads (None = torch's default); 1 for parallel CPU sweeps
     max_bad_steps: int = 3  # stop after this many consecutive RL steps skipped for NaN/inf values
+    length_buckets: int = 1  # log-prob forwards per minibatch, rows grouped by length (exact; less padding)
     prompts_per_step: int = 8
     sample_table_every: int = 10  # log a W&B table of completions every N RL steps (0 = never)
     ckpt_path: Optional[str] = None  # resume from this Lightning checkpoint ("last" = the run dir's last.ckpt)
@@ -295,6 +296,7 @@ def validate(cfg: DictConfig) -> Any:
                f"each process has prompts_per_step/{world} x group_size = {rows} rollout rows; allowed: 1..{rows}")
         _check(obj.threads is None or obj.threads >= 1, "threads", obj.threads, "must be >= 1 or null")
         _check(obj.max_bad_steps >= 1, "max_bad_steps", obj.max_bad_steps, "must be >= 1")
+        _check(obj.length_buckets >= 1, "length_buckets", obj.length_buckets, "must be >= 1")
         if obj.algorithm.group_relative:
             _check(obj.rollout.group_size >= 2, "rollout.group_size", obj.rollout.group_size,
                    f"algorithm {obj.algorithm.name} uses a group-relative advantage "

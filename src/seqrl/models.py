@@ -31,26 +31,15 @@ from seqrl.tokenizer import CHAT_TEMPLATE, build_char_tokenizer
 
 # Field defaults of seqrl.config.ModelConfig (the schema the YAML files are validated against).
 MODEL_CONFIG_DEFAULTS: dict[str, Any] = {
-    "family": "dense",
-    "name_or_path": None,
-    "local_dir": None,
-    "tokenizer": "char",
-    "arch": {},
-    "dtype": "float32",
-    "trust_remote_code": False,
-    "gradient_checkpointing": False,
-    "attn_implementation": "sdpa",
+    "family": "dense", "name_or_path": None, "local_dir": None, "tokenizer": "char", "arch": {}, "dtype": "float32",
+    "trust_remote_code": False, "gradient_checkpointing": False, "attn_implementation": "sdpa",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZERS = ("char", "auto")
 # Random-init vl models resize every image to between 56x56 and 112x112 pixels: at most 16 image tokens.
 TINY_IMAGE_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
-VISION_TOKENS = {
-    "image_token_id": "<|image_pad|>",
-    "video_token_id": "<|video_pad|>",
-    "vision_start_token_id": "<|vision_start|>",
-    "vision_end_token_id": "<|vision_end|>",
-}
+VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                 "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -240,19 +229,25 @@ class Policy:
         are images (image parts come before the text). Pass the whole dict to `model.generate`."""
         return get_family(self.family).encode(self, prompts, images)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **mm: Any) -> CausalLMOutputWithPast:
-        """Logits (B, T, V) of left-padded prompt + right-padded response sequences, as generate() saw them.
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
+                **mm: Any) -> CausalLMOutputWithPast:
+        """Logits (B, T, V) of left-padded prompt + right-padded response sequences, as generate() saw them (only
+        the last `logits_to_keep` positions when > 0: the language-model head skips the prompt).
 
         `mm` holds the vl inputs from `encode_prompts` (pixel_values, image_grid_thw; mm_token_type_ids is rebuilt
         for the full length). moe outputs also carry router_logits and aux_loss.
         """
         mm = {key: value for key, value in mm.items() if value is not None}
         kwargs = get_family(self.family).forward_kwargs(self.model, input_ids, attention_mask, mm)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          logits_to_keep=logits_to_keep, **kwargs)
 
     def router_metrics(self, outputs, attention_mask: torch.Tensor) -> dict[str, float]:
-        """`router_metrics` with this model's top-k."""
-        return router_metrics(outputs, attention_mask, getattr(self.model.config, "num_experts_per_tok", 2))
+        """`router_metrics` with this model's top-k ({} without router logits: dense, vl)."""
+        if getattr(outputs, "router_logits", None) is None:
+            return {}
+        config = getattr(self.model, "module", self.model).config  # under a DDP / FSDP wrapper: the wrapped model
+        return router_metrics(outputs, attention_mask, getattr(config, "num_experts_per_tok", 2))
 
     def save(self, path: str) -> None:
         """HF-format export: model, tokenizer (+ chat template) and, for vl, the image processor — the layout of

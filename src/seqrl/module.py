@@ -138,9 +138,9 @@ class RLModule(L.LightningModule):
         old_logp = ref_logp = None
         with torch.no_grad():
             if n_updates > 1:
-                old_logp = response_logprobs(self.policy, roll, temp)[0]
+                old_logp = response_logprobs(self.policy, roll, temp, buckets=self.cfg.length_buckets)[0]
             if self.ref is not None:
-                ref_logp = response_logprobs(self._ref_policy(), roll, temp)[0]
+                ref_logp = response_logprobs(self._ref_policy(), roll, temp, buckets=self.cfg.length_buckets)[0]
         faults: list[str] = []
         if not finite_rewards or not globally_finite(adv):
             faults.append("rewards/advantages")
@@ -181,7 +181,8 @@ class RLModule(L.LightningModule):
                 if sum(gather_objects(float(mask[rows].sum()))) == 0:  # e.g. all rows overlong-filtered, on every
                     continue  # rank: no optimizer step, so AdamW's momentum cannot move the weights on zero gradients
                 mb = roll.select(rows)
-                logp, ent, out = response_logprobs(self.policy, mb, self.cfg.rollout.temperature, entropy=True)
+                logp, ent, router = response_logprobs(self.policy, mb, self.cfg.rollout.temperature, entropy=True,
+                                                      buckets=self.cfg.length_buckets)
                 if not globally_finite(logp.detach(), mask=mask[rows]):
                     faults.append("log-probs")
                     continue
@@ -206,7 +207,7 @@ class RLModule(L.LightningModule):
                 m["train/entropy"] = float((ent * tok).sum() / tok.sum().clamp(min=1))
                 m["train/grad_norm"] = float(norm)
                 m["train/loss"] = float(loss.detach())
-                m.update(self.policy.router_metrics(out, mb.attention_mask))
+                m.update(router)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1

@@ -130,6 +130,7 @@ class RLModule(L.LightningModule):
     def training_step(self, batch: list, batch_idx: int):
         t0 = time.perf_counter()
         roll, g, rounds = self._rollout(batch)
+        roll, g = roll.to(self.device), {k: v.to(self.device) for k, v in g.items()}  # CPU from the engines
         finite_rewards = globally_finite(g["rewards"])
         adv = compute_advantages(self.algo, g["rewards"], roll.group_ids) if finite_rewards else None  # (N,)
         mask = roll.response_mask * g["keep"].unsqueeze(1)  # (N, T) overlong filtering removes rows

@@ -79,6 +79,11 @@ class RolloutBatch:
         """Length of the whole response each row belongs to (used by length-based reward shaping)."""
         return self.lengths if self.full_lengths is None else self.full_lengths  # (N,)
 
+    def to(self, device) -> "RolloutBatch":
+        """The batch with every tensor on `device` (the rollout engines return CPU tensors)."""
+        move = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return replace(self, **move, mm={k: v.to(device) for k, v in self.mm.items()})
+
     def select(self, rows: torch.Tensor) -> "RolloutBatch":
         """The sub-batch of `rows` (a 1-D long tensor), multimodal tensors included."""
         idx = rows.tolist()
@@ -163,10 +168,10 @@ def hf_generate(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> 
     t0 = time.perf_counter()
     with _eval_mode(policy.model):
         out = policy.model.generate(
-            **enc, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, use_cache=True,
+            **{k: v.to(getattr(policy.model, "device", "cpu")) for k, v in enc.items()}, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, use_cache=True,
             pad_token_id=policy.pad_token_id, eos_token_id=policy.stop_token_ids, **sampling,
         )  # (N, P+T)
-    return _batch(policy, rows, enc, out[:, P:], n, time.perf_counter() - t0)
+    return _batch(policy, rows, enc, out[:, P:].cpu(), n, time.perf_counter() - t0)
 
 
 def hf_decode(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> RolloutBatch:

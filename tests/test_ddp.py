@@ -31,6 +31,36 @@ def test_seqrl_train_ddp_two_processes(tmp_path):
     assert 0.0 <= res["train"]["train/reward/mean"] <= 1.0
 
 
+@pytest.mark.slow
+def test_first_update_of_two_processes_equals_one_process_on_the_same_global_batch(tmp_path):
+    """`seqrl-train experiment=smoke trainer=ddp` (2 processes) vs trainer=cpu (1 process), same global batch of
+    8 prompts x 4 (rank shares partition it) and the same responses (`replay` rollout, tests/fixtures): the first
+    update's loss, reward and pre-clip gradient norm match, and so do the updated weights."""
+    from safetensors.torch import load_file
+
+    script = ROOT / "tests" / "fixtures" / "replay_train.py"
+    common = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.output_dir")] + [
+        "trainer.max_steps=1", "prompts_per_step=8", "rollout.name=replay", "warmup.enabled=false",
+        "eval.heldout=false", "algorithm=grpo", "algorithm.ppo_minibatches=1", "logger=csv"]
+    runs = {}
+    for trainer in ("cpu", "ddp"):
+        out = tmp_path / trainer
+        proc = subprocess.run([sys.executable, str(script), *common, f"trainer={trainer}", f"hydra.run.dir={out}"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[trainer] = (json.loads((out / "results.json").read_text()), load_file(out / "hf" / "model.safetensors"))
+    (one, w1), (two, w2) = runs["cpu"], runs["ddp"]
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["ddp_params_in_sync"] is True
+    for key in ("train/loss", "train/grad_norm", "train/reward/mean", "train/response_length/mean"):
+        assert abs(one["train"][key] - two["train"][key]) <= 1e-5 * max(1.0, abs(one["train"][key])), key
+    assert one["train"]["train/grad_norm"] > 0
+    lr = 2.0e-4  # experiment=smoke; AdamW's first step moves each weight by ~lr * sign(gradient)
+    for name, a in w1.items():
+        diff = (a - w2[name]).abs()
+        assert float(diff.max()) <= 2 * lr, name  # never more than a flipped sign on a ~0 gradient entry
+        assert float((diff > 1e-3 * lr).float().mean()) < 1e-3, name  # and almost everywhere equal
+
+
 def _grads(rows: list[int], texts, algo, world: int, rank: int, init: str, out):
     """Gradient of the module's update path (response_logprobs -> compute_policy_loss) on `rows` of the batch."""
     from seqrl.algorithms import compute_policy_loss, load_algorithm

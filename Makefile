@@ -13,7 +13,7 @@ $(BIN)/activate:
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,slurm]"
 	touch $@
 
 install: $(VENV)/.installed

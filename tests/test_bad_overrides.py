@@ -23,7 +23,7 @@ BAD = [
     ("train", ["data=mnist"], "data=mnist: unknown option", "arith, dapo_math_17k, gsm8k"),
     ("train", ["rollout=beam"], "rollout=beam: unknown option", "allowed: eqlen, standard"),
     ("train", ["eval=imagenet"], "eval=imagenet: unknown option", "allowed: math, smoke, vision"),
-    ("train", ["trainer=tpu"], "trainer=tpu: unknown option", "allowed: cpu, ddp, gpu"),
+    ("train", ["trainer=tpu"], "trainer=tpu: unknown option", "allowed: cpu, ddp, fsdp, gpu"),
     ("train", ["rollout.name=beam"], "rollout.name='beam'", "allowed: eqlen, standard"),
     # unknown keys: the closest known key is suggested, the known keys listed
     ("train", ["trainer.max_stepz=3"], "trainer.max_stepz: unknown key (did you mean max_steps?)", "max_steps"),
@@ -60,6 +60,12 @@ BAD = [
     ("train", ["algorithm.ppo_minibatches=32", "prompts_per_step=4", "rollout.group_size=4"],
      "algorithm.ppo_minibatches=32", "16 rollout rows; allowed: 1..16"),
     ("train", ["warmup.enabled=true", "data=gsm8k"], "warmup.enabled=True", "needs a generated task"),
+    ("train", ["rollout=eqlen", "rollout.engine=hf_generate"], "rollout.engine='hf_generate'",
+     "rollout=eqlen decodes with its own loop on the HF model; allowed: hf"),
+    ("train", ["rollout.engine=vllm"], "rollout.engine=vllm needs a CUDA device but trainer.accelerator='cpu'",
+     "allowed: trainer.accelerator in"),
+    ("train", ["rollout.engine=tgi"], "rollout.engine='tgi'", "allowed: hf, hf_generate, vllm"),
+    ("train", ["length_buckets=0"], "length_buckets=0", "must be >= 1"),
     # missing data
     ("train", ["data=gsm8k", "data.path=nope.jsonl"], "data.path=nope.jsonl: file not found", "set data.path"),
     # seqrl-eval

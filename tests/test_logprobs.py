@@ -1,12 +1,13 @@
 """`response_logprobs`: the language-model head only on response positions, logsumexp + gather, padding cut
-(left prompt columns, right response columns) and length buckets give the values and gradients of a naive
-full-width log_softmax, on the three tiny families and on EqLen segment rows."""
+(left prompt columns, right response columns), length buckets and prompts encoded once per group give the values
+and gradients of a naive full-width log_softmax, on the three tiny families and on EqLen segment rows."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from conftest import make_policy, samples_for
+from seqrl.algorithms import scoring
 from seqrl.algorithms.rollout import ROLLOUTS, hf_generate, response_logprobs, trim_padding
 from seqrl.config import RolloutConfig
 
@@ -29,13 +30,18 @@ def grads(policy, logp, mask) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("family", ["dense", "moe", "vl"])
 @pytest.mark.parametrize("buckets", [1, 3])
-def test_values_and_gradients_equal_the_naive_full_width_log_softmax(family, buckets):
+def test_values_and_gradients_equal_the_naive_full_width_log_softmax(family, buckets, monkeypatch):
+    shared = []  # which path scored each bucket: the prompt encoded once per group (dense, vl) or full width (moe)
+    original = scoring._shared_prompts
+    monkeypatch.setattr(scoring, "_shared_prompts", lambda *a: shared.append(original(*a)) or shared[-1])
     policy = make_policy(family, STOPS)
     torch.manual_seed(0)
     batch = hf_generate(policy, samples_for(family, 3), RolloutConfig(max_new_tokens=24), n=2)
     assert len(set(batch.lengths.tolist())) > 1  # varied lengths: the buckets differ in width
     mask = batch.response_mask
     logp, ent, router = response_logprobs(policy, batch, 0.7, entropy=True, buckets=buckets)
+    assert len(shared) == buckets  # length buckets may split a group (then that bucket has nothing to share)
+    assert all(r is None for r in shared) if family == "moe" else buckets > 1 or shared[0] is not None
     ref = naive(policy, batch, 0.7)
     assert torch.allclose(logp * mask, ref * mask, atol=1e-5)
     for ours, theirs in zip(grads(policy, logp, mask), grads(policy, naive(policy, batch, 0.7), mask)):

@@ -53,10 +53,11 @@ def resolve_ckpt(ckpt_path: str | None, out_dir: Path) -> str | None:
     if ckpt_path is None:
         return None
     path = out_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
-    if not path.is_file():
+    sharded = path.is_dir() and (path / "meta.pt").is_file()  # FSDP: a folder, one file per rank + meta.pt
+    if not (path.is_file() or sharded):
         raise ValueError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}")
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        torch.load(path / "meta.pt" if sharded else path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be trusted
         raise ValueError(f"ckpt_path={ckpt_path!r}: {path} is corrupt or not a seqrl checkpoint "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc

@@ -23,7 +23,7 @@ import torch
 from seqrl.algorithms import compute_advantages, compute_policy_loss, dynamic_sampling_keep, shape_rewards
 from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, response_logprobs
 from seqrl.checkpointing import rng_state, set_rng_state
-from seqrl.distributed import gather_objects, rank_share, shard, world_size
+from seqrl.distributed import gather_objects, params_checksum, rank_share, shard, world_size
 from seqrl.eval.grading import format_reward, grade_many
 from seqrl.faults import FaultGuard, globally_finite
 from seqrl.eval.harness import EvalSet, evaluate_rollout, generate_for_eval
@@ -167,7 +167,7 @@ class RLModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Data-parallel guard: every rank must end with bit-identical weights (gradients were all-reduced)."""
-        checksum = float(sum(p.detach().double().sum() for p in self.model.parameters()))
+        checksum = params_checksum(self.model.parameters())  # whole tensors, also when FSDP shards them
         self.ddp_params_in_sync = len(set(gather_objects(checksum))) == 1
 
     def _ref_policy(self):

@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> dict:
     from seqrl.checkpointing import AtomicCheckpointIO, resolve_ckpt
     from seqrl.config import validate
     from seqrl.data import load_samples
+    from seqrl.distributed import DTYPES, FSDP2Strategy, export_policy
     from seqrl.eval.harness import build_eval_sets, results_table, write_samples
     from seqrl.loggers import build_loggers, wandb_logger
     from seqrl.models import build_policy
@@ -65,8 +66,10 @@ def train(cfg: DictConfig) -> dict:
     name = run_name(c)
     updates = c.algorithm.ppo_epochs * c.algorithm.ppo_minibatches
     every = c.eval.every_n_steps
+    strategy = instantiate(cfg.trainer.strategy) if OmegaConf.is_dict(cfg.trainer.strategy) else c.trainer.strategy
     trainer = instantiate(
-        cfg.trainer, max_steps=c.trainer.max_steps * updates, max_epochs=1, default_root_dir=str(out),
+        cfg.trainer, strategy=strategy, inference_mode=not isinstance(strategy, FSDP2Strategy),  # FSDP: no_grad
+        max_steps=c.trainer.max_steps * updates, max_epochs=1, default_root_dir=str(out),
         logger=build_loggers(cfg, out, name), check_val_every_n_epoch=None, use_distributed_sampler=False,
         val_check_interval=every if every > 0 else c.trainer.max_steps * 1000,
         callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=updates)],
@@ -80,8 +83,9 @@ def train(cfg: DictConfig) -> dict:
     before = module.eval_before
     if eval_sets:
         trainer.validate(module, verbose=False)
+    export = export_policy(policy, DTYPES[c.model.dtype])  # a sharded policy is gathered (every rank calls it)
     if trainer.is_global_zero:
-        export_dir_atomic(out / "hf", policy.save)
+        export_dir_atomic(out / "hf", export.save)
     results = {
         "run_name": name, **provenance(OmegaConf.to_container(cfg, resolve=True), c.seed),
         "warmup": warm, "train": module.last_train_metrics, "eval_before": before,

@@ -27,6 +27,19 @@ from seqrl.models import get_family
 COMPACT_FRAC = 0.25  # compact the cache when more than this share of its rows are free slots
 
 
+def prompt_inputs(model, family: str, enc: dict) -> dict:
+    """Forward kwargs for a prefill of left-padded prompts `enc` with explicit positions: cumsum(mask) - 1 for text,
+    Qwen2.5-VL's 3-D mrope positions (`get_rope_index`, (3, B, P)) for prompts with images; images included."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
+    mm = {k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}
+    kw = get_family(family).forward_kwargs(model, ids, mask, mm)
+    if "position_ids" not in kw:  # vl with images
+        kw["position_ids"] = model.model.get_rope_index(
+            ids, image_grid_thw=mm["image_grid_thw"], attention_mask=mask,
+            mm_token_type_ids=kw.pop("mm_token_type_ids"))[0]  # (3, B, P)
+    return kw
+
+
 def warp_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
                 suppress: torch.Tensor | None) -> torch.Tensor:
     """HF generate's processing of next-token logits (B, V): suppress_tokens -> temperature -> top-k -> top-p."""
@@ -63,13 +76,8 @@ class DecodeRows:
 
     def __init__(self, model, enc: dict, family: str, n: int):
         ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
-        mm = {k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}
-        kw = get_family(family).forward_kwargs(model, ids, mask, mm)
+        kw = prompt_inputs(model, family, enc)
         kw.pop("output_router_logits", None)
-        if "position_ids" not in kw:  # vl with images: Qwen2.5-VL's 3-D mrope positions
-            kw["position_ids"] = model.model.get_rope_index(
-                ids, image_grid_thw=mm["image_grid_thw"], attention_mask=mask,
-                mm_token_type_ids=kw.pop("mm_token_type_ids"))[0]  # (3, B, P)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
         self.cache = out.past_key_values
         self.cache.batch_repeat_interleave(n)

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from seqrl.algorithms.decode import decode
+from seqrl.algorithms.scoring import response_logprobs, trim_padding  # noqa: F401  (re-exported: the scoring API)
 
 ROLLOUTS: dict[str, Callable] = {}
 
@@ -247,63 +248,6 @@ def cat_rollouts(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         metrics={k: sum(b.metrics[k] for b in batches) / len(batches)  # mean over the rollouts
                  for k in batches[0].metrics if all(k in b.metrics for b in batches)},
     )
-
-
-def trim_padding(batch: RolloutBatch) -> tuple[RolloutBatch, int]:
-    """The batch without prompt columns that are padding in every row (left) and response columns past every row's
-    last attended token (right): exact, positions come from the attention mask. Returns (batch, kept width t)."""
-    P = batch.prompt_len
-    seen = batch.attention_mask.any(0)  # (P+T,)
-    first = int(seen[:P].long().argmax()) if bool(seen[:P].any()) else P - 1
-    t = int(seen[P:].nonzero().max()) + 1 if bool(seen[P:].any()) else 1
-    if first == 0 and t == batch.response_mask.shape[1]:
-        return batch, t
-    cols = slice(first, P + t)
-    return replace(batch, input_ids=batch.input_ids[:, cols], attention_mask=batch.attention_mask[:, cols],
-                   response_mask=batch.response_mask[:, :t], prompt_len=P - first), t
-
-
-def _logprobs(policy, batch: RolloutBatch, temperature: float, entropy: bool):
-    """(logp (N, T), entropy (N, T) | None, router metrics) of one forward: logits only for the T positions that
-    predict response tokens (`logits_to_keep`), log-softmax as logsumexp + gather (no (N, T, V) log-prob copy)."""
-    T = batch.response_mask.shape[1]
-    out = policy.forward(batch.input_ids, batch.attention_mask, logits_to_keep=T + 1, **batch.mm)
-    logits = out.logits[:, :-1].float()  # (N, T, V): position P-1+t predicts response token t
-    if temperature != 1.0:
-        logits = logits / temperature
-    lse = logits.logsumexp(-1)  # (N, T)
-    logp = logits.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1) - lse  # (N, T)
-    ent = None
-    if entropy:
-        with torch.no_grad():
-            ent = lse - (logits - lse.unsqueeze(-1)).exp_().mul_(logits).sum(-1)  # (N, T)
-    return logp, ent, policy.router_metrics(out, batch.attention_mask)
-
-
-def response_logprobs(policy, batch: RolloutBatch, temperature: float, entropy: bool = False, buckets: int = 1):
-    """Per-token log pi(y_t | y_<t) of the response at `temperature`, optionally the token entropy, and the
-    router metrics (moe; averaged over forwards by real tokens). Returns ((N, T), (N, T) | None, dict).
-
-    Padding-free where it is exact: columns that are padding in every row are cut before the forward, and with
-    `buckets` > 1 the rows are sorted by length and run as `buckets` forwards, each cut to its own longest row
-    (fewer padded FLOPs when lengths vary); values and gradients equal one full-width forward's up to float
-    rounding. Positions past a row's kept width get log-prob 0 (they are outside every mask).
-    """
-    N, T = batch.response_mask.shape
-    order = batch.attention_mask[:, batch.prompt_len:].sum(1).argsort() if buckets > 1 else torch.arange(N)
-    parts, ents, router, weights = [], [], {}, []
-    for rows in order.chunk(max(1, min(buckets, N))):
-        sub, t = trim_padding(batch if buckets <= 1 else batch.select(rows))
-        logp, ent, metrics = _logprobs(policy, sub, temperature, entropy)
-        parts.append(torch.nn.functional.pad(logp, (0, T - t)))  # (n, T)
-        ents.append(None if ent is None else torch.nn.functional.pad(ent, (0, T - t)))
-        weights.append(float(sub.attention_mask.sum()))
-        for k, v in metrics.items():
-            router[k] = router.get(k, 0.0) + float(v) * weights[-1]
-    inverse = order.argsort()  # (N,) back to the batch's row order
-    logp = torch.cat(parts)[inverse]  # (N, T)
-    ent = torch.cat(ents)[inverse] if entropy else None  # (N, T)
-    return logp, ent, {k: v / sum(weights) for k, v in router.items()}
 
 
 def rollout_from_texts(policy, samples: list, responses: list[str]) -> RolloutBatch:

@@ -74,7 +74,8 @@ def _shared_prompts(policy, batch, temperature: float, entropy: bool):
     key = torch.cat([batch.row_prompts.unsqueeze(1).to(prompts), prompts], 1)  # same sample (images) and tokens
     uniq, inverse = torch.unique(key, dim=0, return_inverse=True)  # (U, 1+P), (N,)
     model = policy.model
-    if len(uniq) == len(prompts) or (getattr(model, "is_gradient_checkpointing", False) and torch.is_grad_enabled()):
+    checkpointing = getattr(model, "is_activation_checkpointing", False)  # transformers >= 5.x name
+    if len(uniq) == len(prompts) or (checkpointing and torch.is_grad_enabled()):
         return None  # nothing to share; or activation checkpointing, under which transformers keeps no cache
     first = torch.full((len(uniq),), len(prompts), dtype=torch.long).scatter_reduce(
         0, inverse, torch.arange(len(prompts)), reduce="amin")  # (U,) a row holding each distinct prompt

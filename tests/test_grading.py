@@ -263,3 +263,75 @@ def test_grade_many_parallel_matches_serial_and_throughput():
         assert sum(results[label][500:]) < 25  # only neighbours that share an answer
     assert results["serial"] == results["workers=2 incl. start-up"]
     print("math500 grading, 500 oracle + 500 mismatched:", ", ".join(f"{k} {v:.0f} items/s" for k, v in rates.items()))
+
+
+# ------------------------------------------------------------------------- fast paths vs full math-verify
+def test_fast_paths_give_full_math_verify_verdicts_on_math500():
+    """Every MATH-500 gold answered once equivalently and once wrongly (answer_variants, shifts 0 and 1): the fast
+    paths (exact, plain rationals, quick_parse) return exactly the verdicts of math-verify's own parser + verify."""
+    from seqrl.eval.answer_variants import variant_responses
+
+    gold = [g for g, _, _ in golds("math500")]
+    responses = variant_responses(gold, shift=0) + variant_responses(gold, shift=1)
+    texts, meant, gold2 = [t for t, _ in responses], [m for _, m in responses], gold + gold
+    fast, forced = grade_many(texts, gold2, "math"), grade_many(texts, gold2, "math", fast_paths=False)
+    differ = [(gold2[i], texts[i][-60:], fast[i]) for i in range(len(texts)) if fast[i] != forced[i]]
+    assert not differ, differ
+    assert sum(meant) == 500 and sum(f == m for f, m in zip(fast, meant)) >= 995  # the variants mean what they say
+    paths = {grading.math_path(extract_answer(t, "math"), g) for t, g in zip(texts, gold2)}
+    assert paths == {"exact", "rational", "quick-parse", "math-verify"}  # every path was exercised
+
+
+def test_quick_parse_and_plain_rationals_are_exactly_what_math_verify_parses():
+    """quick_parse(a) == math_verify.parse("\\boxed{a}") (same sympy tree, same string) wherever it answers, and
+    math-verify parses every plain rational to that exact Rational (rational_verdict's premise)."""
+    from math_verify import parse
+    from sympy import srepr
+
+    from seqrl.eval import fastgrade
+    from seqrl.eval.answer_variants import number_shaped_answers
+
+    def show(parsed: list) -> list[str]:
+        return [x if isinstance(x, str) else srepr(x) for x in parsed]
+
+    generated = number_shaped_answers([g for g, _, _ in golds("math500")], n=200)
+    answers = [a for a in map(grading._clean, generated) if a and not grading._too_wild(a)]
+    quick = {a: fastgrade.quick_parse(a) for a in answers}
+    real = {a: parse("\\boxed{" + a + "}", parsing_timeout=None) for a in answers
+            if quick[a] is not None or fastgrade.plain_rational(a) is not None}
+    shapes = ("=", "\\text", "\\left(", "\\infty", "^\\circ", "^{\\circ}", ",", "\\dfrac", "/", ".", "[")
+    taken = [a for a in answers if quick[a] is not None]
+    assert len(taken) > 800 and all(any(shape in a for a in taken) for shape in shapes)
+    bad = [(a, show(quick[a]), show(real[a])) for a in taken if show(quick[a]) != show(real[a])]
+    assert not bad, bad[:5]
+    plain = [a for a in answers if fastgrade.plain_rational(a) is not None]
+    assert len(plain) > 200
+    bad = [(a, real[a]) for a in plain if not (real[a][0].is_Rational and real[a][0] == fastgrade.plain_rational(a))]
+    assert not bad, bad[:5]
+    assert None is fastgrade.quick_parse("\\sqrt{2}") is fastgrade.quick_parse("1\\frac{4}{5}")
+    assert None is fastgrade.plain_rational("1\\frac{4}{5}") is fastgrade.plain_rational("3/0")
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("\\frac{9}{5}", "1\\frac{4}{5}", True), ("\\frac{14}{5}", "1\\frac{4}{5}", False),  # mixed number (old: 14/5)
+    ("0.333333", "\\frac{1}{3}", True), ("0.33", "\\frac{1}{3}", False),  # a float vs a fraction: 6 places
+    ("3.0000001", "3", False), ("5.0", "5", True),  # ... but a float vs an integer: exact
+    ("x = 5", "5", True), ("y = 5", "x = 5", False), ("\\left( -2, 1 \\right)", "(-2,1)", True),
+    ("(2, 1)", "(1, 2)", False), ("[1, 2)", "[1,2]", False), ("-2, 1", "1,-2", True),  # an empty interval: a tuple
+    ("58500", "58,500", True), ("0,5", "0.5", False),  # the parser reads 0,5 as the set {0, 5}
+])
+def test_fast_verdicts_on_hand_cases(pred, gold, expected):
+    assert verify(pred, gold, "math") is expected
+    assert verify(pred, gold, "math", fast_paths=False) is expected
+
+
+def test_a_batch_parses_each_gold_once_and_each_repeated_answer_once(monkeypatch):
+    calls = []
+    real = grading._mv_parse
+    monkeypatch.setattr(grading, "_mv_parse", lambda text, **kw: calls.append(text) or real(text, **kw))
+    answers = ["\\sqrt{2}+0", "2^{1/2}", "\\frac{2}{\\sqrt{2}}", "\\sqrt{3}"]  # none has a fast path
+    verdicts = grade_many([f"\\boxed{{{a}}}" for a in answers * 2], ["\\sqrt{2}"] * 8, "math")
+    assert verdicts == [True, True, True, False] * 2
+    assert sorted(calls) == sorted(f"\\boxed{{{a}}}" for a in ["\\sqrt{2}", *answers])  # 5 parses, not 16
+    calls.clear()
+    assert grade("\\boxed{\\sqrt{3}}", "\\sqrt{2}", "math") is False and len(calls) == 2  # no cache outside a batch

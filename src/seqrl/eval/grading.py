@@ -1,4 +1,5 @@
-"""Answer extraction and verification, shared by the RL reward and the evaluation harness.
+"""Answer verification and grading, shared by the RL reward and the evaluation harness (extraction:
+`seqrl.eval.extraction`, re-exported here; math fast paths: `seqrl.eval.fastgrade`).
 
 Safe on model output: extraction scans in linear time, verification never raises (a hostile answer is just wrong)
 and every math check has a hard deadline. math-verify's own timeouts use ``signal.alarm`` (whole seconds); we
@@ -6,6 +7,8 @@ switch them off and put one ``signal.setitimer`` deadline (float seconds, re-fir
 swallows the first interrupt) around parse + verify. Signals only work in the main thread; from other threads the
 check runs in a spawned helper process, killed if it overruns. Cheap pre-filters (length, nesting, factorial towers
 such as ((12!)!)!, whose billion-digit values C code builds out of any signal's reach) reject absurd answers early.
+Most answers never reach math-verify's slow LaTeX parser: `seqrl.eval.fastgrade` gives its verdicts for plain
+numbers, tuples and `x = n` (fast_paths=False turns that off); grade_many parses each gold once per chunk of a batch.
 """
 
 from __future__ import annotations
@@ -25,16 +28,13 @@ from fractions import Fraction
 
 from math_verify import parse as _mv_parse, verify as _mv_verify
 
-ANSWER_KINDS = ("math", "int", "number", "choice", "multi_choice")
+from seqrl.eval import fastgrade
+from seqrl.eval.extraction import (ANSWER_KINDS, _as_fraction, _boxed_contents, _check_kind, _letter,  # noqa: F401
+                                   _letter_set, _number_text, _strip_wrappers, extract_answer)  # (re-exported)
+
 MAX_ANSWER_CHARS = 600  # a longer final answer is never right on our benchmarks; sympy never sees it
 MAX_NESTING = 10  # deeper brackets are rejected: parse time grows exponentially with depth
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_BOX_TOKEN_RE = re.compile(r"\\(?:boxed|fbox)\s*\{|[{}]")
-_ANSWER_IS_RE = re.compile(r"answer\s*(?:is\s*:?|:)\s*", re.IGNORECASE)
-_NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|[-+]?\.\d+"
-_NUMBER_RE = re.compile(_NUM)
-_TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
-_FRAC_RE = re.compile(r"\\[dt]?frac\{(-?\d+)\}\{(\d+)\}")
+CHUNKS_PER_WORKER = 4  # grade_many: chunks per pool worker (fewer, larger chunks: less IPC, coarser balance)
 _TOWER_RE = re.compile(r"(?s)^(?=.*(?:(?<!\\)!(?!=)|\\Gamma|binom|choose|gcd|lcm))(?=.*(?:\^|\d{4}|!!!|[)}\]]\s*!))")
 # an exponent that is itself a power of a number (10^{10^{10}}, 9^9^9): with a zero factor in front, sympy's
 # comparison against a polynomial gold expands it in C code no signal stops (`010^{10^{10^{10}}}` vs `x^2+1`: 12 s)
@@ -47,126 +47,7 @@ class _Deadline(BaseException):
     """Raised by our SIGALRM handler; a BaseException so library `except Exception` blocks cannot eat it."""
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in ANSWER_KINDS:
-        raise ValueError(f"unknown answer kind {kind!r}; allowed: {', '.join(ANSWER_KINDS)}")
-
-
-# ----------------------------------------------------------------------------------------------- extraction
-def _boxed_contents(text: str) -> list[str | None]:
-    """Contents of every \\boxed{...}/\\fbox{...} in order; None for one whose braces never close (one pass)."""
-    out, opened, depth = [], [], 0  # opened: (slot in out, content start, depth outside the box)
-    for m in _BOX_TOKEN_RE.finditer(text):
-        if m.group() == "}":
-            depth -= 1
-            if opened and opened[-1][2] == depth:
-                slot, start, _ = opened.pop()
-                out[slot] = text[start : m.start()]
-            continue
-        if m.group() != "{":
-            opened.append((len(out), m.end(), depth))
-            out.append(None)
-        depth += 1
-    return out
-
-
-def _final_span(text: str) -> str | None:
-    """The answer a response commits to: last boxed content, else the line after the last 'answer is/:'.
-    None: no answer marker at all; "": a malformed (unclosed) or empty final box, i.e. no valid answer."""
-    boxes = _boxed_contents(text)
-    if boxes:
-        return (boxes[-1] or "").strip()
-    hits = list(_ANSWER_IS_RE.finditer(text))
-    if not hits:
-        return None
-    tail = text[hits[-1].end() :].split("\n", 1)[0].strip().strip("*").strip()
-    return re.sub(r"^\$+|\$+$", "", tail.rstrip(". ")).strip() or None
-
-
-def _strip_wrappers(s: str) -> str:
-    """Drop $ signs and \\text{...}-style wrappers, surrounding spaces and a final period."""
-    return _TEXT_RE.sub(r"\1", s.replace("$", "")).strip().rstrip(".").strip()
-
-
-def _letter(s: str) -> str | None:
-    """'C', '(C)', 'C.', 'C: option text' -> 'C' (a lower-case letter only when it stands alone)."""
-    m = re.fullmatch(r"\(?\s*([A-Za-z])\s*\)?(?:[.:]\s*.*)?", s, flags=re.DOTALL)
-    return m.group(1).upper() if m and (s[0] == "(" or s[0].isupper() or len(s) == 1) else None
-
-
-def _match_choice(s: str, choices: list[str] | None) -> str | None:
-    """Letter of the option whose text equals `s` (ignoring case and runs of spaces), if any."""
-    texts = [" ".join(str(c).split()).lower() for c in (choices or [])[:26]]
-    key = " ".join(s.split()).lower()
-    return _LETTERS[texts.index(key)] if key in texts else None
-
-
-def _extract_choice(text: str, choices: list[str] | None) -> str | None:
-    span = _final_span(text)
-    if span == "":
-        return None
-    for cand in ([_strip_wrappers(span)] if span is not None else []) + [_strip_wrappers(text)]:
-        hit = (_letter(cand) or _match_choice(cand, choices)) if cand else None
-        if hit:
-            return hit
-    if span is not None:
-        return None
-    marked = re.findall(r"\(([A-Z])\)", text[-2000:])  # last resort: the last "(C)" of the response
-    return marked[-1] if marked else None
-
-
-def _letter_set(s: str) -> str | None:
-    """'A, C' / 'AC' / 'A and C' / '(A)(C)' -> 'AC'; None if `s` is not a list of capital letters."""
-    s = re.sub(r"[()\[\]{}]", " ", _strip_wrappers(s)).strip()
-    if re.fullmatch(r"[A-Z](?:\s*(?:[,;/&]|\band\b)\s*[A-Z]|\s+[A-Z])*|[A-Z]{1,26}", s):  # linear in len(s)
-        return "".join(sorted(set(re.findall(r"[A-Z]", s))))
-    return None
-
-
-def _number_text(s: str) -> str | None:
-    """The number a span states: the whole span if it is one, else its last number."""
-    s = _strip_wrappers(s).replace("\u2212", "-").replace("{,}", ",")
-    s = re.sub(r"\\[,;:! ]|\\%|%|\^\s*\{?\\circ\}?|\\\$", "", _FRAC_RE.sub(r"\1/\2", s)).strip()
-    if _as_fraction(s) is not None:
-        return s
-    found = _NUMBER_RE.findall(s)
-    return found[-1] if found else None
-
-
-def extract_answer(text: str, kind: str, *, choices: list[str] | None = None) -> str | None:
-    """Extract the final answer of `text` for `kind` (one of ANSWER_KINDS) as a string, or None.
-
-    math: content of the last \\boxed{}/\\fbox{} (balanced braces; an unclosed last box gives None), else the
-    rest of the line after the last "answer is"/"Answer:". int/number: that span (or the whole text) reduced to
-    its number (commas, signs, decimals, a/b and \\frac{a}{b}). choice: a letter from \\boxed{C}, "answer is
-    (C)", "Answer: C", a bare "C", an option text equal to one of `choices` (mapped to its letter) or, failing
-    those, the last "(C)". multi_choice: a set of letters ("A, C", "AC", "A and C") as a sorted string "AC".
-    """
-    _check_kind(kind)
-    if not isinstance(text, str):
-        return None
-    if kind == "choice":
-        return _extract_choice(text, choices)
-    span = _final_span(text)
-    if kind == "math" or span == "":
-        return span or None
-    if kind == "multi_choice":
-        return _letter_set(span if span is not None else text)
-    return _number_text(span if span is not None else text)
-
-
 # -------------------------------------------------------------------------------------------- verification
-def _as_fraction(s: str) -> Fraction | None:
-    """Exact value of a plain number string ('1,234', '-0.5', '3/4', '\\frac{3}{4}', '025'), else None."""
-    s = _FRAC_RE.sub(r"\1/\2", s.strip().lstrip("+"))
-    if len(s) > 100 or not re.fullmatch(_NUM, s):
-        return None
-    try:
-        return Fraction(s.replace(",", ""))
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
 def _too_wild(s: str) -> bool:
     """Cheap guard: too long, too deep, a factorial tower (factorial, \\Gamma, binom, gcd, lcm with ^, 4 digits, !!!,
     (.)!) or a numeric exponent tower (a^{b^c} with b a number)."""
@@ -175,9 +56,10 @@ def _too_wild(s: str) -> bool:
             or _EXP_TOWER_RE.search(s) is not None)
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse(latex: str):
-    return _mv_parse("\\boxed{" + latex + "}", parsing_timeout=None)  # our own deadline is around it
+def _parse(latex: str, fast: bool) -> list:
+    """math-verify's parse of one answer (fast: plain numbers built without its LaTeX parser, same result)."""
+    quick = fastgrade.quick_parse(latex) if fast else None
+    return quick if quick is not None else _mv_parse("\\boxed{" + latex + "}", parsing_timeout=None)
 
 
 def _with_deadline(fn, timeout_s: float) -> bool | None:
@@ -202,9 +84,16 @@ def _with_deadline(fn, timeout_s: float) -> bool | None:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _math_equal_here(pred: str, gold: str, timeout_s: float) -> bool:
+def _math_equal_here(pred: str, gold: str, timeout_s: float, fast: bool = False) -> bool:
+    """parse + verify under our deadline (main thread); fast=False: math-verify's own parser for both answers."""
+    def check() -> bool:
+        g, p = fastgrade.batch_cached("golds", (gold, fast), lambda: _parse(gold, fast)), _parse(pred, fast)
+        if fast and fastgrade.both_rational(g, p):
+            return g[0] == p[0]
+        return _mv_verify(g, p, timeout_seconds=None)
+
     try:
-        return bool(_with_deadline(lambda: _mv_verify(_parse(gold), _parse(pred), timeout_seconds=None), timeout_s))
+        return bool(_with_deadline(check, timeout_s))
     except Exception:
         return False
 
@@ -218,7 +107,7 @@ class _Sidecar:
     def __init__(self) -> None:
         self.lock, self.proc, self.conn = threading.Lock(), None, None
 
-    def check(self, pred: str, gold: str, timeout_s: float) -> bool:
+    def check(self, pred: str, gold: str, timeout_s: float, fast: bool = False) -> bool:
         with self.lock:
             try:
                 if self.proc is None or not self.proc.is_alive():
@@ -228,7 +117,7 @@ class _Sidecar:
                     self.proc.start()
                     if not (self.conn.poll(60) and self.conn.recv() == "ready"):
                         raise RuntimeError("grading helper process did not start")
-                self.conn.send((pred, gold, timeout_s))
+                self.conn.send((pred, gold, timeout_s, fast))
                 if self.conn.poll(timeout_s + self.slack_s):
                     return bool(self.conn.recv())
             except Exception:
@@ -250,18 +139,31 @@ def _sidecar_loop(conn) -> None:
 _SIDECAR = _Sidecar()
 
 
-def _math_equal(pred: str, gold: str, timeout_s: float) -> bool:
-    pred, gold = (re.sub(r"^\$+|\$+$|\\%|%", "", s.replace("\x0c", "\\f")).strip() for s in (pred, gold))
+def _clean(s: str) -> str:
+    """An answer as the math check sees it: outer $ signs and percent signs dropped, a form feed read as "\\f"."""
+    return re.sub(r"^\$+|\$+$|\\%|%", "", s.replace("\x0c", "\\f")).strip()
+
+
+def math_path(pred: str, gold: str) -> str:
+    """Which path decides a math check of an extracted answer with fast paths on (for benchmarks): rejected,
+    exact, rational, quick-parse (both answers built without the LaTeX parser) or math-verify (its parser)."""
+    pred, gold = _clean(pred), _clean(gold)
+    if not pred or not gold or _too_wild(pred) or _too_wild(gold):
+        return "rejected"
+    return fastgrade.fast_path(pred, gold)
+
+
+def _math_equal(pred: str, gold: str, timeout_s: float, fast: bool = True) -> bool:
+    """Pre-filters, then (fast) the parser-free checks, then parse + verify under the deadline, once per batch."""
+    pred, gold = _clean(pred), _clean(gold)
     if not pred or not gold or _too_wild(pred) or _too_wild(gold):
         return False
-    if "".join(pred.split()) == "".join(gold.split()):
-        return True
-    a, b = _as_fraction(pred), _as_fraction(gold)
-    if a is not None and b is not None:
-        return a == b
-    if threading.current_thread() is threading.main_thread():
-        return _math_equal_here(pred, gold, timeout_s)
-    return _SIDECAR.check(pred, gold, timeout_s)
+    cheap = fastgrade.cheap_verdict(pred, gold) if fast else None
+    if cheap is not None:
+        return cheap[1]
+    here = threading.current_thread() is threading.main_thread()
+    check = _math_equal_here if here else _SIDECAR.check  # signals work in the main thread only
+    return fastgrade.batch_cached("verdicts", (pred, gold, timeout_s, fast), lambda: check(pred, gold, timeout_s, fast))
 
 
 def _number_equal(pred: str, gold: str, precision: int | None, integer: bool) -> bool:
@@ -277,13 +179,15 @@ def _number_equal(pred: str, gold: str, precision: int | None, integer: bool) ->
 
 
 def verify(pred: str | None, gold: str, kind: str, *, timeout_s: float = 2.0, precision: int | None = None,
-           unit: str | None = None) -> bool:
+           unit: str | None = None, fast_paths: bool = True) -> bool:
     """Is the extracted answer `pred` equal to `gold` under `kind`? Never raises on `pred`; None is wrong.
 
     math: math-verify equality (leading zeros, fractions vs decimals, \\text{} options, degrees; percent signs
     dropped; a JSON-mangled form feed read back as "\\f") bounded by `timeout_s`. int: exact integer.
     number: equal after rounding both to `precision` decimals (MathVista) or within relative tolerance 1e-6.
     A trailing `unit` is stripped from `pred`. choice: same letter, case-insensitive. multi_choice: same set.
+    fast_paths=False sends every math check through math-verify's parser (the same verdicts, except answers equal
+    up to spaces, which the fast path calls equal: seqrl.eval.fastgrade).
     """
     _check_kind(kind)
     if not isinstance(pred, str):
@@ -292,7 +196,7 @@ def verify(pred: str | None, gold: str, kind: str, *, timeout_s: float = 2.0, pr
         if unit:  # a trailing unit, bare or in \text{}, is dropped ((?<!\s): a match starts where its blanks do)
             pred = re.sub(rf"(?<!\s)\s*(?:\\text\{{\s*)?{re.escape(unit)}\s*(?:\}}\s*)?\.?$", "", pred.strip())
         if kind == "math":
-            return _math_equal(pred, str(gold), timeout_s)
+            return _math_equal(pred, str(gold), timeout_s, fast_paths)
         if kind in ("int", "number"):
             return _number_equal(pred, str(gold), precision, integer=kind == "int")
         if kind == "choice":
@@ -315,8 +219,10 @@ def grade(text: str, gold: str, kind: str, **kw) -> bool:
         return False
 
 
-def _grade_item(text: str, gold: str, kind: str, kw: dict) -> bool:
-    return grade(text, gold, kind, **kw)
+def _grade_chunk(items: list[tuple]) -> list[bool]:
+    """Grade (text, gold, kind, kw) items in one batch: each gold parsed once, each repeated answer checked once."""
+    with fastgrade.batch():
+        return [grade(text, gold, kind, **kw) for text, gold, kind, kw in items]
 
 
 @functools.lru_cache(maxsize=None)
@@ -329,8 +235,9 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 def grade_many(texts: list[str], golds: list[str], kind: str | list[str], *, workers: int = 0,
                item_kw: list[dict] | None = None, **kw) -> list[bool]:
     """Grade many responses in order. `kind`: one kind or one per item; `item_kw`: one dict per item (e.g.
-    MathVista's precision, choices) merged over `kw`. workers > 1 uses a cached process pool (each worker's
-    main thread keeps the signal deadline, so every item stays bounded); a broken pool falls back to serial."""
+    MathVista's precision, choices) merged over `kw`. workers > 1 sends contiguous chunks (a prompt's samples stay
+    together) to a cached process pool (each worker's main thread keeps the signal deadline, so every item stays
+    bounded); a broken pool falls back to serial."""
     kinds = [kind] * len(texts) if isinstance(kind, str) else list(kind)
     extra = item_kw if item_kw is not None else [{}] * len(texts)
     if not len(texts) == len(golds) == len(kinds) == len(extra):
@@ -338,14 +245,15 @@ def grade_many(texts: list[str], golds: list[str], kind: str | list[str], *, wor
                          f"item_kw {len(extra)}; all must be equal")
     for k in set(kinds):
         _check_kind(k)
-    kws = [{**kw, **e} for e in extra]
-    if workers > 1 and len(texts) > 1:
+    items = [(t, g, k, {**kw, **e}) for t, g, k, e in zip(texts, golds, kinds, extra)]
+    if workers > 1 and len(items) > 1:
+        size = -(-len(items) // (workers * CHUNKS_PER_WORKER))
         try:
-            chunk = max(1, len(texts) // (workers * 8))
-            return list(_pool(workers).map(_grade_item, texts, golds, kinds, kws, chunksize=chunk))
+            chunks = _pool(workers).map(_grade_chunk, [items[i:i + size] for i in range(0, len(items), size)])
+            return [ok for chunk in chunks for ok in chunk]
         except BrokenProcessPool:
             _pool.cache_clear()
-    return list(map(_grade_item, texts, golds, kinds, kws))
+    return _grade_chunk(items)
 
 
 def format_reward(text: str) -> bool:

@@ -37,11 +37,12 @@ def targets(records: dict[str, dict]) -> list[tuple[str, str, str]]:
                     "yes" if ratio >= 0.8 else "no"))
     for r in _rows(records.get("mfu"), part="update"):
         out.append(("Training-phase MFU >= 30% of the measured matmul peak (small_dense)",
-                    f"{100 * r['mfu_real']:.1f}% (peak {r['peak_gflops']:.0f} GFLOP/s)",
-                    "yes" if r["mfu_real"] >= 0.3 else "no"))
-    for r in _rows(records.get("eval"), part="target"):
-        out.append(("Grading >= 500 MATH500 items/s on 2 cores", f"{r['items_per_s']:.0f} items/s",
-                    "yes" if r["items_per_s"] >= 500 else "no"))
+                    f"{100 * r['mfu']:.1f}% ({r['gflops_required']:.0f} of {r['peak_gflops']:.0f} GFLOP/s, "
+                    f"{r['threads']} threads)", "yes" if r["mfu"] >= 0.3 else "no"))
+    for r in _rows(records.get("eval"), part="grading", config="grade_many workers=2", mode="fast"):
+        rate = r["items_per_s"]["median"]
+        out.append(("Grading >= 500 MATH500 items/s on 2 cores", f"{rate:.0f} items/s (2 workers; "
+                    f"{r['items_per_cpu_s']['median']:.0f} per CPU second)", "yes" if rate >= 500 else "no"))
     for r in _rows(records.get("memory"), part="summary"):
         out.append(("RSS flat over a 200-step run (growth < 5% after step 20)",
                     f"{r['growth_pct']:+.1f}% over {r['last_step']} steps", "yes" if r["passes"] else "no"))

@@ -69,3 +69,33 @@ def samples_for(family: str, k: int) -> list:
 
     cfg = validate(compose("train", [f"data={FAMILY_DATA[family]}", f"model=tiny_{family}"]))
     return load_samples(cfg.data, "train", cfg.paths.data_dir)[:k]
+
+
+def run_ranks(target, args_of, tmp_path: Path, world: int = 2, timeout_s: float = 300) -> dict:
+    """Run `target(*args_of(rank, init, queue))` in `world` spawned processes (gloo rendezvous through a file store
+    in tmp_path: no port to race for); each puts (rank, result) on the queue. Returns {rank: result}, failing
+    fast with the exit codes when a rank dies instead of waiting for the timeout."""
+    import queue as queue_mod
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=target, args=args_of(rank, init, q)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results, deadline = {}, time.time() + timeout_s
+    while len(results) < world:
+        assert time.time() < deadline, f"the {world}-rank run did not finish in {timeout_s:.0f} s"
+        try:
+            rank, result = q.get(timeout=10)
+            results[rank] = result
+        except queue_mod.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not dead, f"a rank exited with {dead}"
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import time
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import ROOT, compose, tiny_overrides
+from conftest import ROOT, compose, run_ranks, tiny_overrides
 
 
 @pytest.mark.slow
@@ -99,23 +97,8 @@ def test_two_rank_gradient_equals_one_process_on_the_whole_batch(algo, tmp_path)
     q = ctx.Queue()
     _grads(list(range(6)), TEXTS, algo, 1, 0, "", q)
     full = q.get()[1]
-    init = f"file://{tmp_path / 'rendezvous'}"  # a file store: no port to race for
     shards = [[0, 1, 3], [2, 4, 5]]  # uneven lengths: different P/T padding on each rank
-    procs = [ctx.Process(target=_grads, args=(shards[r], TEXTS, algo, 2, r, init, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.time() + 300
-    while len(results) < 2:
-        assert time.time() < deadline, "the 2-rank run did not finish in 300 s"  # fail fast (with the exit codes) if a rank dies instead of waiting for a timeout
-        try:
-            rank, grads = q.get(timeout=10)
-            results[rank] = grads
-        except queue.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            assert not dead, f"a rank exited with {dead}"
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_ranks(_grads, lambda r, init, out: (shards[r], TEXTS, algo, 2, r, init, out), tmp_path)
     for g_full, g0, g1 in zip(full, results[0], results[1]):
         assert abs(g0 - g1).max() == 0  # DDP leaves identical gradients on both ranks
         assert abs(g0 - g_full).max() < 1e-6 * max(1.0, abs(g_full).max())

@@ -6,18 +6,15 @@ import copy
 import csv
 import json
 import os
-import queue
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import ROOT, compose, tiny_overrides
+from conftest import ROOT, compose, run_ranks, tiny_overrides
 
 TEXTS = ["1+2=3\n\\boxed{3}", "\\boxed{7}", "4+4=8\n8-1=7\n\\boxed{7}", "x"]  # unequal lengths: padding differs
 LAYERS = {"tiny_dense": {"Qwen3DecoderLayer"}, "tiny_moe": {"Qwen3MoeDecoderLayer"},
@@ -190,23 +187,7 @@ def _worker(rank: int, init: str, out) -> None:
 
 @pytest.mark.slow
 def test_two_gloo_ranks_shard_generate_and_export_exactly(tmp_path):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_worker, args=(r, init, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.time() + 300
-    while len(results) < 2:
-        assert time.time() < deadline, "the 2-rank FSDP checks did not finish in 300 s"
-        try:
-            rank, message = out.get(timeout=10)
-            results[rank] = message
-        except queue.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            assert not dead, f"a rank exited with {dead}"
-    for p in procs:
-        p.join(timeout=60)
+    results = run_ranks(_worker, lambda r, init, out: (r, init, out), tmp_path)
     assert results == {0: "ok", 1: "ok"}, "\n".join(results.values())
 
 

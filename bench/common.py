@@ -64,7 +64,8 @@ class Record:
                   "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.t0)),
                   "seconds": round(time.time() - self.t0, 1),
                   "machine": {**self.machine_before, "loadavg_1m_after": after["loadavg_1m"]},
-                  "git_commit": git_commit(ROOT), "versions": versions(), "settings": self.settings, "rows": self.rows, "notes": self.notes}
+                  "git_commit": git_commit(ROOT), "versions": versions(), "settings": self.settings,
+                  "rows": self.rows, "notes": self.notes}
         path = Path(out_dir) / f"{self.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, record)

@@ -124,11 +124,10 @@ def response_mask_from(responses: torch.Tensor, stop_ids) -> tuple[torch.Tensor,
     return (~seen_before).float(), ~is_eos.any(1)
 
 
-def _rows_and_prompts(policy, samples: list, n: int) -> tuple[list, dict]:
-    """The n-times repeated samples (rows grouped by prompt) and their encoded, left-padded prompts."""
-    rows = [s for s in samples for _ in range(n)]
-    images = [s.images or [] for s in rows]
-    return rows, policy.encode_prompts([s.prompt for s in rows], images if any(images) else None)
+def _encode(policy, samples: list) -> dict:
+    """Left-padded, chat-formatted prompts of `samples`, one row each, with their images (vl)."""
+    images = [s.images or [] for s in samples]
+    return policy.encode_prompts([s.prompt for s in samples], images if any(images) else None)
 
 
 def _batch(policy, rows: list, enc: dict, responses: torch.Tensor, n: int, gen_seconds: float) -> RolloutBatch:
@@ -163,14 +162,16 @@ def hf_generate(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> 
 
     cfg needs max_new_tokens, temperature, top_p, top_k (seqrl.config.RolloutConfig or EvalConfig).
     """
-    rows, enc = _rows_and_prompts(policy, samples, n)
+    rows = [s for s in samples for _ in range(n)]
+    enc = _encode(policy, rows)
     P = enc["input_ids"].shape[1]
     sampling = {} if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=getattr(cfg, "top_k", 0))
+    device = getattr(policy.model, "device", "cpu")
     t0 = time.perf_counter()
     with _eval_mode(policy.model):
         out = policy.model.generate(
-            **{k: v.to(getattr(policy.model, "device", "cpu")) for k, v in enc.items()}, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, use_cache=True,
-            pad_token_id=policy.pad_token_id, eos_token_id=policy.stop_token_ids, **sampling,
+            **{k: v.to(device) for k, v in enc.items()}, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens,
+            use_cache=True, pad_token_id=policy.pad_token_id, eos_token_id=policy.stop_token_ids, **sampling,
         )  # (N, P+T)
     return _batch(policy, rows, enc, out[:, P:].cpu(), n, time.perf_counter() - t0)
 
@@ -183,15 +184,14 @@ def hf_decode(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> Ro
     """
     if getattr(policy.model, "decode_with_generate", False):
         return hf_generate(policy, samples, cfg, n=n, greedy=greedy)
-    images = [s.images or [] for s in samples]
-    enc = policy.encode_prompts([s.prompt for s in samples], images if any(images) else None)  # one row/prompt
+    enc = _encode(policy, samples)  # one row per prompt
     with _eval_mode(policy.model):
         tokens, seconds = decode(policy, enc, n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                  top_p=cfg.top_p, top_k=getattr(cfg, "top_k", 0), greedy=greedy)  # (N, T)
     rows = torch.arange(len(samples)).repeat_interleave(n)  # (N,) the prompt of each row
     enc_rows = {k: enc[k][rows] for k in ("input_ids", "attention_mask")}  # (N, P)
     enc_rows.update(_select_mm({k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}, rows.tolist(),
-                               [len(im) for im in images]))
+                               [len(s.images or []) for s in samples]))
     return _batch(policy, [samples[i] for i in rows.tolist()], enc_rows, tokens, n, seconds)
 
 

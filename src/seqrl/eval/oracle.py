@@ -7,7 +7,7 @@ verifier, or in how the harness feeds items to the model (a prompt or image that
   own `eval` (and `data`) config; the oracle loads the suite with `harness.build_eval_sets`, exactly as the
   harness does, and memorises one response per item, keyed by a hash of the prompt text and of its images' pixels;
 - `OracleFamily.encode` tokenizes the chat-formatted prompts (char tokenizer) and computes the same key per row;
-- `OracleModel.generate` (called by the rollout engines, see `decode_with_generate`) writes "... \\boxed{<gold>}" for that key,
+- `OracleModel.generate` (the engines call it: `decode_with_generate`) writes "... \\boxed{<gold>}" for that key,
   e.g. `\\boxed{C}` for a multiple-choice item, as token ids ending with EOS; an item it never saw gets
   "I do not know.", and items it cannot tell apart (same prompt and images, different answers: text-only MathVista
   repeats questions such as "How many objects are left?") get "I cannot tell these items apart."; both are

@@ -119,6 +119,40 @@ def test_dapo_dynamic_sampling_drops_constant_groups_and_refills(tmp_path, monke
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["gspo", "fspo"])
+def test_rows_with_zero_advantage_left_unscored_give_the_same_run(algorithm, tmp_path, monkeypatch):
+    """One on-policy update without KL: the rows of a constant group (A_i = 0) are not scored
+    (RLModule._rows_with_gradient), and the run logs the same metrics (entropy included, from the rollout) and ends
+    with the same weights as one that scores every row."""
+    import torch
+
+    import seqrl.module as module
+
+    def grade(texts, golds, kinds, **kw):  # group 0 all correct (constant), the others one correct in four
+        return [True] * 4 + [True, False, False, False] * (len(texts) // 4 - 1)
+
+    monkeypatch.setattr(module, "grade_many", grade)
+    scored, weights = [], []
+    real_score, real_end = module.RLModule._score, module.RLModule.on_train_end
+    monkeypatch.setattr(module.RLModule, "_score", lambda self, mb, live: scored.append(
+        len(mb) if live is None else len(live)) or real_score(self, mb, live))
+    monkeypatch.setattr(module.RLModule, "on_train_end", lambda self: weights.append(
+        [p.detach().clone() for p in self.model.parameters()]) or real_end(self))
+    one_update = [f"algorithm={algorithm}", "algorithm.ppo_epochs=1", "algorithm.ppo_minibatches=1"]
+    skipped = train(tmp_path / "skip", *one_update)
+    assert scored == [12, 12]  # per step: 16 rows, the constant group's 4 left out
+    monkeypatch.setattr(module.RLModule, "_rows_with_gradient", lambda *a: None)
+    full = train(tmp_path / "full", *one_update)
+    assert scored[2:] == [16, 16]
+    timing = [k for k in full["train"] if k.startswith("perf/")]
+    assert {k: v for k, v in skipped["train"].items() if k not in timing} == pytest.approx(
+        {k: v for k, v in full["train"].items() if k not in timing}, rel=1e-4, abs=1e-6)
+    lr = float(compose("train", overrides(tmp_path, *one_update)).optim.lr)
+    for a, b in zip(*weights):  # AdamW may turn float noise on a zero gradient into +-lr: at most 2 steps of it
+        torch.testing.assert_close(a, b, rtol=0, atol=2 * lr + 1e-6)
+
+
+@pytest.mark.slow
 def test_multirun_over_every_algorithm_through_the_cli(tmp_path):
     sweep = tmp_path / "sweep"
     args = [a for a in overrides(tmp_path, "trainer.max_steps=1") if not a.startswith("paths.output_dir=")]

@@ -3,6 +3,8 @@
 samples for the same RNG state while no compaction happens, and the same batch layout (prompts, masks, images)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -94,3 +96,67 @@ def test_engine_dispatch_and_training_mode_restored():
     assert set(ENGINES) == {"hf", "hf_generate", "vllm"}
     with pytest.raises(ValueError, match=r"rollout.engine.*'tgi'.*allowed: hf, hf_generate, vllm"):
         RolloutConfig(engine="tgi")
+
+
+@pytest.mark.parametrize("family", ["dense", "moe", "vl"])
+def test_fast_decoder_steps_give_the_transformers_forward_logits(family):
+    """FastDecoder (slab cache, own attention) against the model's forward on its DynamicCache, fed the same tokens:
+    left-padded prompts, images (vl), a compaction that drops and duplicates rows, an EqLen-style row copy, and
+    more steps than the slab's room (it grows)."""
+    from seqrl.algorithms.decode import DecodeRows
+    from seqrl.algorithms.rollout import _encode
+
+    policy = make_policy(family)
+    samples = [dataclasses.replace(s, prompt=s.prompt + " ok" * i) for i, s in enumerate(samples_for(family, 3))]
+    enc = _encode(policy, samples)
+    assert bool((enc["attention_mask"] == 0).any())  # prompts of different lengths: left padding to mask
+    with torch.no_grad():
+        fast, slow = (DecodeRows(policy.model, enc, policy.family, n=2, room=3, fast=f) for f in (True, False))
+        assert fast.fast is not None and slow.fast is None
+        gen = torch.Generator().manual_seed(0)
+        for t in range(7):
+            torch.testing.assert_close(fast.logits, slow.logits, rtol=1e-5, atol=1e-5)
+            tok = torch.randint(3, fast.logits.shape[-1], (len(fast.track),), generator=gen)
+            if t == 2:
+                keep = torch.tensor([4, 0, 0, 5, 2])  # drop rows 1 and 3, duplicate row 0
+                for rows in (fast, slow):
+                    rows.select(keep)
+                tok = tok[keep]
+            if t == 4:
+                for rows in (fast, slow):
+                    rows.track[1] = -1
+                    rows.fork([int(rows.track[3])], [99])  # the freed slot 1 becomes a copy of slot 3
+            fast.step(policy.model, tok)
+            slow.step(policy.model, tok)
+
+
+def test_fast_decoder_only_for_the_layouts_it_implements():
+    from seqrl.algorithms.fastdecode import FastDecoder
+
+    policy = make_policy("dense")
+    out = policy.model(input_ids=torch.tensor([[5, 6]]), use_cache=True)
+    mask = torch.ones(1, 2, dtype=torch.long)
+    assert FastDecoder.build(policy.model, out.past_key_values, mask, 4) is not None
+    policy.model.config.model_type = "gemma2"  # soft-capping, sliding windows: the transformers forward
+    assert FastDecoder.build(policy.model, out.past_key_values, mask, 4) is None
+    policy.model.config.model_type = "qwen3"
+    policy.model.get_decoder().layers[0].self_attn.sliding_window = 16
+    assert FastDecoder.build(policy.model, out.past_key_values, mask, 4) is None
+
+
+@pytest.mark.parametrize("family", ["dense", "vl"])
+def test_rollout_token_entropy_is_the_training_forward_entropy(family):
+    """RolloutBatch.token_entropy (what the engine saw when sampling) equals the entropy the scoring forward
+    computes on the same responses, at a temperature != 1; greedy decoding records none."""
+    from seqrl.algorithms.rollout import response_logprobs
+
+    policy = make_policy(family, STOPS)
+    cfg = RolloutConfig(max_new_tokens=12, temperature=0.7)
+    torch.manual_seed(0)
+    roll = hf_decode(policy, samples_for(family, 2), cfg, n=3)
+    with torch.no_grad():
+        _, ent, _ = response_logprobs(policy, roll, 0.7, entropy=True)
+    mask = roll.response_mask.bool()
+    torch.testing.assert_close(roll.token_entropy[mask], ent[mask], rtol=1e-4, atol=1e-5)
+    assert bool((roll.token_entropy[~mask] == 0).all())
+    assert hf_decode(policy, samples_for(family, 1), cfg, n=1, greedy=True).token_entropy is None

@@ -88,6 +88,7 @@ class Family:
 
     model_type = ""
     auto_model: Any = AutoModelForCausalLM
+    routed = False  # forward returns router logits (moe): router metrics cover the tokens of each forward
 
     def random_config(self, arch: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
         """The transformers config for a random-init model: `arch` plus the tokenizer's vocabulary and ids."""
@@ -130,6 +131,7 @@ class MoeFamily(Family):
     """Qwen3-MoE decoder (random init) or a MoE causal LM checkpoint; forward returns router logits + aux loss."""
 
     model_type = "qwen3_moe"
+    routed = True
 
     def forward_kwargs(self, model, input_ids, attention_mask, mm: dict[str, Any]) -> dict[str, Any]:
         return {**super().forward_kwargs(model, input_ids, attention_mask, mm), "output_router_logits": True}

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from seqrl.algorithms.fastdecode import FastDecoder
 from seqrl.models import get_family
 
 COMPACT_FRAC = 0.25  # compact the cache when more than this share of its rows are free slots
@@ -58,6 +59,14 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: i
     return logits
 
 
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B,) entropy of softmax(logits (B, V) / temperature) over the whole vocabulary, no warping: the quantity
+    the training forward logs as train/entropy (`seqrl.algorithms.scoring._token_logp`)."""
+    z = logits.float() / temperature
+    lse = z.logsumexp(-1, keepdim=True)  # (B, 1)
+    return (lse - (z - lse).exp().mul(z).sum(-1, keepdim=True)).squeeze(1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, greedy: bool,
                 suppress: torch.Tensor | None) -> torch.Tensor:
     """Next tokens (B,) from logits (B, V): the argmax (greedy) or a sample of softmax(warp_logits(...))."""
@@ -72,9 +81,13 @@ class DecodeRows:
     A finished track's slot is freed (track id -1) and keeps decoding garbage until a fork reuses it (an
     in-place copy of the parent's cache row) or free slots exceed COMPACT_FRAC of the batch, when the cache is
     compacted: one cache copy per compaction instead of one per finished track.
+
+    The prefill is the model's forward (images, mrope positions); the steps run `FastDecoder` (its slab cache) when
+    the model is a supported llama-style decoder and `fast` is on, else the model's forward on its DynamicCache.
+    `room`: the steps to come (the fast path's cache capacity; it grows past it).
     """
 
-    def __init__(self, model, enc: dict, family: str, n: int):
+    def __init__(self, model, enc: dict, family: str, n: int, room: int = 0, fast: bool = True):
         ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
         kw = prompt_inputs(model, family, enc)
         kw.pop("output_router_logits", None)
@@ -83,12 +96,15 @@ class DecodeRows:
         self.cache.batch_repeat_interleave(n)
         self.logits = out.logits[:, -1].repeat_interleave(n, 0)  # (B*n, V)
         self.mask = mask.repeat_interleave(n, 0)  # (B*n, P+t)
+        self.fast = FastDecoder.build(model, self.cache, self.mask, room) if fast else None
+        if self.fast is not None:
+            self.cache = None  # the slab holds the keys and values from here on
         self.next_pos = (kw["position_ids"][..., -1] + 1).repeat_interleave(n, -1)  # (B*n,) or (3, B*n)
         self.track = torch.arange(ids.shape[0] * n)  # (rows,) track id of each slot, -1 = free
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep (and duplicate) rows `idx` (CPU long): KV cache, mask, positions, logits and track ids follow."""
-        self.cache.reorder_cache(idx)
+        self.fast.select(idx) if self.fast is not None else self.cache.reorder_cache(idx)
         self.mask, self.track, self.logits = self.mask[idx], self.track[idx], self.logits[idx]
         self.next_pos = self.next_pos[..., idx]
 
@@ -110,10 +126,13 @@ class DecodeRows:
         src = torch.tensor([where[p] for p in parents])
         free = (self.track < 0).nonzero().squeeze(1)
         dst, extra = free[:len(src)], src[len(free):]
-        if len(dst):
+        if len(dst) and self.fast is not None:
+            self.fast.copy_rows(dst, src[:len(dst)])
+        elif len(dst):
             for layer in self.cache.layers:
                 layer.keys[dst.to(layer.keys.device)] = layer.keys[src[:len(dst)].to(layer.keys.device)]
                 layer.values[dst.to(layer.values.device)] = layer.values[src[:len(dst)].to(layer.values.device)]
+        if len(dst):
             self.mask[dst], self.logits[dst] = self.mask[src[:len(dst)]], self.logits[src[:len(dst)]]
             self.next_pos[..., dst] = self.next_pos[..., src[:len(dst)]]
         if len(extra):  # no free slot left: append rows
@@ -126,6 +145,9 @@ class DecodeRows:
     def step(self, model, tokens: torch.Tensor) -> None:
         """Feed one token per slot (B,); the logits for the next position replace `self.logits`."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+        if self.fast is not None:
+            self.logits, self.next_pos = self.fast.step(tokens, self.next_pos), self.next_pos + 1
+            return
         out = model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos[..., None],
                     past_key_values=self.cache, use_cache=True)
         self.cache, self.logits = out.past_key_values, out.logits[:, -1]
@@ -144,24 +166,28 @@ def suppress_mask(model, vocab: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def decode(policy, enc: dict, *, n: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           top_k: int = 0, greedy: bool = False) -> tuple[torch.Tensor, float]:
+           top_k: int = 0, greedy: bool = False, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """n independent responses per prompt of `enc` (Policy.encode_prompts output, one row per prompt).
 
     Returns (tokens (B*n, T) long with T <= max_new_tokens the longest response, rows grouped by prompt, pad
-    after each row's stop token; seconds
-    of prefill + decoding). Rows stop at any of `policy.stop_token_ids`; finished rows leave the batch.
+    after each row's stop token; the entropy (B*n, T) of softmax(logits / temperature) where each token was
+    sampled (`token_entropy`; None when greedy); seconds of prefill + decoding). Rows stop at any of
+    `policy.stop_token_ids`; finished rows leave the batch.
     """
     model = policy.model
     stop = torch.as_tensor(policy.stop_token_ids, device=model.device)
     t0 = time.perf_counter()
-    rows = DecodeRows(model, {k: v.to(model.device) for k, v in enc.items()}, policy.family, n)
+    rows = DecodeRows(model, {k: v.to(model.device) for k, v in enc.items()}, policy.family, n, max_new_tokens, fast)
     suppress = suppress_mask(model, rows.logits.shape[-1])
     buf = torch.full((len(rows.track), max_new_tokens), policy.pad_token_id, dtype=torch.long)
+    ent = None if greedy else torch.zeros(buf.shape)
     running, t = len(rows.track), 0
     for t in range(max_new_tokens):
         tok = sample_next(rows.logits, temperature, top_p, top_k, greedy, suppress)  # (slots,)
         live = rows.track >= 0  # (slots,)
         buf[rows.track[live], t] = tok.cpu()[live]
+        if ent is not None:
+            ent[rows.track[live], t] = token_entropy(rows.logits, temperature).cpu()[live]
         is_stop = torch.isin(tok, stop).cpu() & live
         if t + 1 == max_new_tokens:
             break
@@ -172,4 +198,5 @@ def decode(policy, enc: dict, *, n: int, max_new_tokens: int, temperature: float
                 break
             kept = rows.release(set(rows.track[is_stop].tolist()), keep_free=0)
         rows.step(model, tok if kept is None else tok[kept.to(tok.device)])
-    return buf[:, :t + 1], time.perf_counter() - t0  # as generate(): as wide as the longest response
+    width = t + 1  # as generate(): as wide as the longest response
+    return buf[:, :width], None if ent is None else ent[:, :width], time.perf_counter() - t0

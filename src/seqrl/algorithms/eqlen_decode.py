@@ -126,7 +126,7 @@ def eqlen_decode(policy, enc: dict, *, n: int, max_new_tokens: int, temperature:
     model = policy.model
     stop = torch.as_tensor(policy.stop_token_ids, device=model.device)
     t0 = time.perf_counter()
-    rows = DecodeRows(model, {k: v.to(model.device) for k, v in enc.items()}, policy.family, n)
+    rows = DecodeRows(model, {k: v.to(model.device) for k, v in enc.items()}, policy.family, n, max_new_tokens)
     suppress = suppress_mask(model, rows.logits.shape[-1])
     pairing = _Pairing(enc["input_ids"].shape[0], n, max_forks, unpaired)
     buf = torch.full((len(pairing.tracks), max_new_tokens), policy.pad_token_id, dtype=torch.long)

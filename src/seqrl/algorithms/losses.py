@@ -34,13 +34,19 @@ class LossOut:
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AlgorithmConfig], LossOut]
 POLICY_LOSSES: dict[str, LossFn] = {}
+ADVANTAGE_SCALED: set[str] = set()  # losses that vanish, with their gradient, where A_i = 0 (see below)
 
 
-def register_policy_loss(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator: register `fn(log_ratio (B,T), adv (B,), mask (B,T) float, cfg) -> LossOut` under `name`."""
+def register_policy_loss(name: str, advantage_scaled: bool = False) -> Callable[[LossFn], LossFn]:
+    """Decorator: register `fn(log_ratio (B,T), adv (B,), mask (B,T) float, cfg) -> LossOut` under `name`.
+
+    advantage_scaled: every row's loss is -A_i times a function of that row's own log-ratios and of detached batch
+    statistics, so a row with A_i = 0 has loss 0 and zero gradient (an update may leave it unscored)."""
 
     def wrap(fn: LossFn) -> LossFn:
         POLICY_LOSSES[name] = fn
+        if advantage_scaled:
+            ADVANTAGE_SCALED.add(name)
         return fn
 
     return wrap
@@ -69,7 +75,7 @@ def _per_sequence(loss_i, blocked_i, ratio_i, mask, **seq_stats) -> LossOut:
                    ratio_i.detach()[:, None].expand(shape), seq_stats)
 
 
-@register_policy_loss("token_clip")
+@register_policy_loss("token_clip", advantage_scaled=True)
 def token_clip(log_ratio, adv, mask, cfg) -> LossOut:
     """Token-level PPO clip (GRPO arXiv 2402.03300, Dr. GRPO 2503.20783, DAPO 2503.14476).
 
@@ -82,7 +88,7 @@ def token_clip(log_ratio, adv, mask, cfg) -> LossOut:
     return LossOut(loss, blocked, ratio.detach())
 
 
-@register_policy_loss("rloo_seq")
+@register_policy_loss("rloo_seq", advantage_scaled=True)
 def rloo_seq(log_ratio, adv, mask, cfg) -> LossOut:
     """RLOO (arXiv 2402.14740) with a whole-sequence ratio, clipped as in TRL's RLOO trainer.
 
@@ -98,7 +104,7 @@ def _geometric_log_ratio(log_ratio, mask):
     return log_ratio.sum(-1) / mask.sum(-1).clamp(min=1)  # (B,) log s_i = S_i / |y_i|
 
 
-@register_policy_loss("gspo")
+@register_policy_loss("gspo", advantage_scaled=True)
 def gspo(log_ratio, adv, mask, cfg) -> LossOut:
     """GSPO (arXiv 2507.18071): the geometric-mean sequence ratio, clipped per sequence.
 
@@ -111,7 +117,7 @@ def gspo(log_ratio, adv, mask, cfg) -> LossOut:
     return _per_sequence(loss, blocked, ratio, mask)
 
 
-@register_policy_loss("gspo_token")
+@register_policy_loss("gspo_token", advantage_scaled=True)
 def gspo_token(log_ratio, adv, mask, cfg) -> LossOut:
     """GSPO-token (arXiv 2507.18071): s_it = sg[s_i] pi(y_it) / sg[pi(y_it)], clipped per token.
 
@@ -125,7 +131,7 @@ def gspo_token(log_ratio, adv, mask, cfg) -> LossOut:
     return LossOut(loss, blocked, ratio.detach())
 
 
-@register_policy_loss("luspo")
+@register_policy_loss("luspo", advantage_scaled=True)
 def luspo(log_ratio, adv, mask, cfg) -> LossOut:
     """LUSPO (arXiv 2602.05261): GSPO's clipped per-sequence loss scaled by |y_i| (length-unbiased).
 
@@ -137,7 +143,7 @@ def luspo(log_ratio, adv, mask, cfg) -> LossOut:
     return gspo_token(log_ratio, adv, mask, cfg)
 
 
-@register_policy_loss("fspo")
+@register_policy_loss("fspo", advantage_scaled=True)
 def fspo(log_ratio, adv, mask, cfg) -> LossOut:
     """FSPO (arXiv 2509.09177, "Clip Your Sequences Fairly"): clip S_i in a length-fair band, in log space.
 

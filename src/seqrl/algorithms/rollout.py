@@ -50,6 +50,9 @@ class RolloutBatch:
     prompt_ids: torch.Tensor | None = None  # (N,) the prompt of each row; None = group_ids (one group per prompt)
     response_ids: torch.Tensor | None = None  # (N,) the whole response of each row; None = one response per row
     metrics: dict = field(default_factory=dict)  # rollout-specific metrics (e.g. eqlen/*), logged as they are
+    # (N, T) entropy of softmax(logits / temperature) at each sampled position, from the engine (hf) when it has
+    # it: train/entropy of the rows an on-policy update leaves unscored (RLModule._rows_with_gradient)
+    token_entropy: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -100,6 +103,7 @@ class RolloutBatch:
             full_lengths=None if self.full_lengths is None else self.full_lengths[rows],
             prompt_ids=None if self.prompt_ids is None else self.prompt_ids[rows],
             response_ids=None if self.response_ids is None else self.response_ids[rows],
+            token_entropy=None if self.token_entropy is None else self.token_entropy[rows],
             mm=_select_mm(self.mm, idx, [len(s.images or []) for s in self.samples]),
         )
 
@@ -186,13 +190,15 @@ def hf_decode(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> Ro
         return hf_generate(policy, samples, cfg, n=n, greedy=greedy)
     enc = _encode(policy, samples)  # one row per prompt
     with _eval_mode(policy.model):
-        tokens, seconds = decode(policy, enc, n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, top_k=getattr(cfg, "top_k", 0), greedy=greedy)  # (N, T)
+        tokens, entropy, seconds = decode(policy, enc, n=n, max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=getattr(cfg, "top_k", 0),
+                                          greedy=greedy)  # (N, T)
     rows = torch.arange(len(samples)).repeat_interleave(n)  # (N,) the prompt of each row
     enc_rows = {k: enc[k][rows] for k in ("input_ids", "attention_mask")}  # (N, P)
     enc_rows.update(_select_mm({k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}, rows.tolist(),
                                [len(s.images or []) for s in samples]))
-    return _batch(policy, [samples[i] for i in rows.tolist()], enc_rows, tokens, n, seconds)
+    batch = _batch(policy, [samples[i] for i in rows.tolist()], enc_rows, tokens, n, seconds)
+    return batch if entropy is None else replace(batch, token_entropy=entropy * batch.response_mask)
 
 
 def _vllm(policy, samples: list, cfg, *, n: int, greedy: bool = False) -> RolloutBatch:
@@ -247,6 +253,8 @@ def cat_rollouts(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         prompt_ids=offset_ids(lambda b: b.prompt_ids), response_ids=offset_ids(lambda b: b.response_ids),
         metrics={k: sum(b.metrics[k] for b in batches) / len(batches)  # mean over the rollouts
                  for k in batches[0].metrics if all(k in b.metrics for b in batches)},
+        token_entropy=None if any(b.token_entropy is None for b in batches) else torch.cat(
+            [torch.nn.functional.pad(b.token_entropy, (0, T - b.token_entropy.shape[1])) for b in batches]),
     )
 
 

@@ -1,0 +1,118 @@
+"""A decoding step for llama-style decoders without the transformers forward's per-call machinery.
+
+One token per row through a pre-norm decoder (RMSNorm -> q/k/v projections (+ optional per-head q/k norms) ->
+rotary embedding -> grouped-query attention -> o_proj -> residual -> RMSNorm -> MLP or MoE block -> residual), as
+Llama, Mistral (no sliding window), Qwen2, Qwen3, Qwen3-MoE and Qwen2.5-VL's text decoder define it. Every
+sub-module is the model's own (norms, projections, rotary embedding, `apply_rotary_pos_emb` of the model's
+modelling file, MLP/MoE block, LM head); only the attention and the cache are ours:
+
+- keys/values live in a pre-allocated slab (rows, kv_heads, capacity, head_dim) per layer: a step writes one
+  position in place (transformers' DynamicCache concatenates the whole cache every step);
+- attention of the single query is two batched matmuls over the filled part, with the query heads of one
+  key/value head side by side (no repeated keys), an additive bias for the prompts' left padding, softmax in
+  float32 as the eager attention does.
+
+The logits equal the transformers forward's up to float rounding (tests/test_decode.py: 1e-5 on dense, moe and
+vl). Any other model (sliding windows, soft-capping, other layer layouts, flash/flex attention) keeps the
+transformers forward: `FastDecoder.build` returns None.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qwen2_5_vl", "qwen2_5_vl_text"}
+
+
+def _supported(model, decoder) -> bool:
+    config = decoder.config
+    if getattr(model.config, "model_type", None) not in SUPPORTED or not hasattr(decoder, "rotary_emb"):
+        return False
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+        return False
+    if config._attn_implementation not in ("sdpa", "eager") or getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    for layer in decoder.layers:
+        attn = layer.self_attn
+        if getattr(attn, "sliding_window", None) is not None or not all(
+                hasattr(attn, k) for k in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")):
+            return False
+        if not all(hasattr(layer, k) for k in ("input_layernorm", "post_attention_layernorm", "mlp")):
+            return False
+    return True
+
+
+class FastDecoder:
+    """Decoding state of a supported model: the slab KV cache, the padding bias, and the step."""
+
+    def __init__(self, model, decoder, cache, mask: torch.Tensor, room: int):
+        self.model, self.decoder = model, decoder
+        self.rope = sys.modules[type(decoder.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.filled = mask.shape[1]
+        capacity = self.filled + room
+        self.kv = []
+        for layer in cache.layers:  # (rows, kv_heads, P, head_dim) each
+            bufs = []
+            for x in (layer.keys, layer.values):
+                buf = x.new_empty(*x.shape[:2], capacity, x.shape[-1])
+                buf[:, :, :self.filled] = x
+                bufs.append(buf)
+            self.kv.append(bufs)
+        self.bias = torch.zeros(mask.shape[0], capacity, device=mask.device)  # (rows, capacity) additive
+        self.bias[:, :self.filled].masked_fill_(mask == 0, -float("inf"))
+
+    @classmethod
+    def build(cls, model, cache, mask: torch.Tensor, room: int) -> "FastDecoder | None":
+        """From the prefill's cache (rows already repeated) and its mask (rows, P); None if unsupported."""
+        decoder = model.get_decoder()
+        if not _supported(model, decoder) or len(cache.layers) != len(decoder.layers):
+            return None
+        return cls(model, decoder, cache, mask, room)
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep (and duplicate) rows `idx`."""
+        idx = idx.to(self.bias.device)
+        self.kv = [[b.index_select(0, idx) for b in bufs] for bufs in self.kv]
+        self.bias = self.bias.index_select(0, idx)
+
+    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Row dst becomes a copy of row src (an EqLen fork)."""
+        dst, src = dst.to(self.bias.device), src.to(self.bias.device)
+        for bufs in self.kv:
+            for b in bufs:
+                b[dst] = b[src]
+        self.bias[dst] = self.bias[src]
+
+    def _grow(self) -> None:
+        self.kv = [[torch.cat([b, torch.empty_like(b)], 2) for b in bufs] for bufs in self.kv]
+        self.bias = torch.cat([self.bias, torch.zeros_like(self.bias)], 1)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, V) after feeding `tokens` (rows,) at `positions` ((rows,) or (3, rows) for mrope)."""
+        if self.filled == self.bias.shape[1]:
+            self._grow()
+        n = self.filled + 1
+        h = self.decoder.embed_tokens(tokens[:, None])  # (rows, 1, d)
+        cos, sin = self.decoder.rotary_emb(h, positions[..., None])
+        bias = self.bias[:, None, None, :n]  # (rows, 1, 1, n)
+        rows = h.shape[0]
+        for layer, (kb, vb) in zip(self.decoder.layers, self.kv):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            shape = (rows, 1, -1, attn.head_dim)
+            q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (rows, heads, 1, head_dim)
+            kb[:, :, self.filled] = k[:, :, 0]
+            vb[:, :, self.filled] = v[:, 0]
+            keys, values = kb[:, :, :n], vb[:, :, :n]  # (rows, kv_heads, n, head_dim)
+            q = q.reshape(rows, keys.shape[1], -1, attn.head_dim)  # (rows, kv_heads, group, head_dim)
+            scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(attn.scaling).add_(bias)
+            probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(probs, values).reshape(rows, 1, -1)  # heads in order: kv head j serves j*group + i
+            h = h + attn.o_proj(out)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        self.filled = n
+        return self.model.lm_head(self.decoder.norm(h))[:, 0]

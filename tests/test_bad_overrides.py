@@ -65,6 +65,7 @@ BAD = [
     ("train", ["rollout.engine=vllm"], "rollout.engine=vllm needs a CUDA device but trainer.accelerator='cpu'",
      "allowed: trainer.accelerator in"),
     ("train", ["rollout.engine=tgi"], "rollout.engine='tgi'", "allowed: hf, hf_generate, vllm"),
+    ("train", ["rollout.threads=0"], "rollout.threads=0", "must be >= 1 or null"),
     ("train", ["length_buckets=0"], "length_buckets=0", "must be >= 1"),
     # missing data
     ("train", ["data=gsm8k", "data.path=nope.jsonl"], "data.path=nope.jsonl: file not found", "set data.path"),

@@ -30,10 +30,16 @@ def grads(policy, logp, mask) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("family", ["dense", "moe", "vl"])
 @pytest.mark.parametrize("buckets", [1, 3])
-def test_values_and_gradients_equal_the_naive_full_width_log_softmax(family, buckets, monkeypatch):
+@pytest.mark.parametrize("packed", [True, False])
+def test_values_and_gradients_equal_the_naive_full_width_log_softmax(family, buckets, packed, monkeypatch):
+    """Responses after a shared prompt: as one flat list of real tokens (seqrl.algorithms.packed) or through the
+    transformers forward with their padding."""
     shared = []  # which path scored each bucket: the prompt encoded once per group (dense, vl) or full width (moe)
     original = scoring._shared_prompts
     monkeypatch.setattr(scoring, "_shared_prompts", lambda *a: shared.append(original(*a)) or shared[-1])
+    flat, real_packed = [], scoring.packed_responses
+    monkeypatch.setattr(scoring, "packed_responses", lambda *a: flat.append(real_packed(*a) if packed else None)
+                        or flat[-1])
     policy = make_policy(family, STOPS)
     torch.manual_seed(0)
     batch = hf_generate(policy, samples_for(family, 3), RolloutConfig(max_new_tokens=24), n=2)
@@ -42,6 +48,7 @@ def test_values_and_gradients_equal_the_naive_full_width_log_softmax(family, buc
     logp, ent, router = response_logprobs(policy, batch, 0.7, entropy=True, buckets=buckets)
     assert len(shared) == buckets  # length buckets may split a group (then that bucket has nothing to share)
     assert all(r is None for r in shared) if family == "moe" else buckets > 1 or shared[0] is not None
+    assert len(flat) == sum(r is not None for r in shared) and all((f is not None) == packed for f in flat)
     ref = naive(policy, batch, 0.7)
     assert torch.allclose(logp * mask, ref * mask, atol=1e-5)
     for ours, theirs in zip(grads(policy, logp, mask), grads(policy, naive(policy, batch, 0.7), mask)):

@@ -109,9 +109,13 @@ class RolloutConfig:
     top_k: int = 0
     eqlen_max_forks: int = 8  # EqLen: forks per prompt (0 = a pair's unit ends with its shorter track)
     eqlen_unpaired: str = "stop"  # EqLen, fork budget spent: stop (cut the longer track) | untrained
+    # torch intra-op threads while the training rollout decodes (None = the run's `threads`): one token per row per
+    # step is too little work to split, so small models decode faster on 1 thread while the update uses them all
+    threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ("hf", "hf_generate", "vllm"))
+        _check(self.threads is None or self.threads >= 1, "rollout.threads", self.threads, "must be >= 1 or null")
         _check(self.top_k >= 0, "rollout.top_k", self.top_k, "must be >= 0 (0 = off)")
         _check(self.eqlen_max_forks >= 0, "rollout.eqlen_max_forks", self.eqlen_max_forks, "must be >= 0")
         _one_of("rollout.eqlen_unpaired", self.eqlen_unpaired, ("stop", "untrained"))

@@ -22,7 +22,7 @@ import torch
 
 from seqrl.algorithms import compute_advantages, compute_policy_loss, dynamic_sampling_keep, shape_rewards
 from seqrl.algorithms.losses import ADVANTAGE_SCALED
-from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, response_logprobs
+from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, intra_op_threads, response_logprobs
 from seqrl.checkpointing import rng_state, set_rng_state
 from seqrl.distributed import gather_objects, params_checksum, rank_share, shard, world_size
 from seqrl.eval.grading import format_reward, grade_many
@@ -105,7 +105,8 @@ class RLModule(L.LightningModule):
         groups. If no round yields an informative group, the last round is used as is (its advantages are all zero)."""
         target, kept, rounds = len(prompts), [], 0
         while True:
-            roll = self.rollout_fn(self.policy, prompts, self.cfg.rollout, n=self.cfg.rollout.group_size)
+            with intra_op_threads(self.cfg.rollout.threads):
+                roll = self.rollout_fn(self.policy, prompts, self.cfg.rollout, n=self.cfg.rollout.group_size)
             g = self._grade(roll)
             rounds += 1
             if not self.algo.dynamic_sampling:

@@ -21,11 +21,18 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qwen2_5_vl", "qwen2_5_vl_text"}
 
 
-def _supported(model, decoder) -> bool:
+def rope_of(decoder):
+    """`apply_rotary_pos_emb` of the decoder's own modelling file."""
+    return sys.modules[type(decoder.layers[0].self_attn).__module__].apply_rotary_pos_emb
+
+
+def supported(model, decoder) -> bool:
+    """Whether `decoder` (model.get_decoder()) has the layout implemented here."""
     config = decoder.config
     if getattr(model.config, "model_type", None) not in SUPPORTED or not hasattr(decoder, "rotary_emb"):
         return False
@@ -34,6 +41,8 @@ def _supported(model, decoder) -> bool:
     if config._attn_implementation not in ("sdpa", "eager") or getattr(config, "pretraining_tp", 1) != 1:
         return False
     for layer in decoder.layers:
+        if isinstance(layer, FSDPModule):  # its parameters are gathered by its own forward, which is not called here
+            return False
         attn = layer.self_attn
         if getattr(attn, "sliding_window", None) is not None or not all(
                 hasattr(attn, k) for k in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")):
@@ -48,7 +57,7 @@ class FastDecoder:
 
     def __init__(self, model, decoder, cache, mask: torch.Tensor, room: int):
         self.model, self.decoder = model, decoder
-        self.rope = sys.modules[type(decoder.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.rope = rope_of(decoder)
         self.filled = mask.shape[1]
         capacity = self.filled + room
         self.kv = []
@@ -66,7 +75,7 @@ class FastDecoder:
     def build(cls, model, cache, mask: torch.Tensor, room: int) -> "FastDecoder | None":
         """From the prefill's cache (rows already repeated) and its mask (rows, P); None if unsupported."""
         decoder = model.get_decoder()
-        if not _supported(model, decoder) or len(cache.layers) != len(decoder.layers):
+        if not supported(model, decoder) or len(cache.layers) != len(decoder.layers):
             return None
         return cls(model, decoder, cache, mask, room)
 

@@ -147,6 +147,20 @@ def _batch(policy, rows: list, enc: dict, responses: torch.Tensor, n: int, gen_s
     )
 
 
+class intra_op_threads:
+    """Context: torch's intra-op thread count set to `n` (None: unchanged), the previous count restored after."""
+
+    def __init__(self, n: int | None):
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.n is not None:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
 class _eval_mode:
     """Context: the model in eval mode (no dropout), its previous mode restored after."""
 

@@ -22,6 +22,7 @@ from dataclasses import replace
 import torch
 
 from seqrl.algorithms.decode import prompt_inputs
+from seqrl.algorithms.packed import packed_responses
 
 
 def trim_padding(batch) -> tuple:
@@ -69,7 +70,7 @@ def _full(policy, batch, temperature: float, entropy: bool):
 def _shared_prompts(policy, batch, temperature: float, entropy: bool):
     """Each distinct prompt once (with gradient), its KV cache repeated to its rows, then the responses per row.
     None when no prompt repeats (nothing to share)."""
-    P, T = batch.prompt_len, batch.response_mask.shape[1]
+    P, (N, T) = batch.prompt_len, batch.response_mask.shape
     prompts = batch.input_ids[:, :P]  # (N, P)
     key = torch.cat([batch.row_prompts.unsqueeze(1).to(prompts), prompts], 1)  # same sample (images) and tokens
     uniq, inverse = torch.unique(key, dim=0, return_inverse=True)  # (U, 1+P), (N,)
@@ -92,10 +93,21 @@ def _shared_prompts(policy, batch, temperature: float, entropy: bool):
     cache.reorder_cache(inverse.to(prompts.device))  # (N rows): gradients flow back to the shared prompt forward
     start = (kw["position_ids"][..., -1] + 1)[..., inverse]  # (N,) or (3, N): the first response position
     positions = start.unsqueeze(-1) + torch.arange(T, device=start.device)  # (N, T) or (3, N, T)
-    out = model(input_ids=batch.responses, attention_mask=batch.attention_mask, position_ids=positions,
-                past_key_values=cache, use_cache=True)
     first_lp, first_ent = _token_logp(pre.logits[inverse], batch.responses[:, :1], temperature, entropy)  # (N, 1)
-    rest_lp, rest_ent = _token_logp(out.logits[:, :-1], batch.responses[:, 1:], temperature, entropy)  # (N, T-1)
+    live = batch.attention_mask[:, P:].bool()  # (N, T) the attended response tokens
+    packed = packed_responses(model, cache, batch.responses, live, batch.attention_mask[:, :P], positions)
+    if packed is not None:  # the real tokens only (seqrl.algorithms.packed)
+        hidden, rows, cols = packed
+        nxt = cols + 1 < T
+        nxt[nxt.clone()] = live[rows[nxt], cols[nxt] + 1]  # (R,) tokens that predict a next response token
+        rows, cols = rows[nxt], cols[nxt]
+        lp, en = _token_logp(model.lm_head(hidden[nxt]), batch.responses[rows, cols + 1], temperature, entropy)
+        rest_lp = lp.new_zeros(N, T - 1).index_put((rows, cols), lp)  # (N, T-1)
+        rest_ent = en.new_zeros(N, T - 1).index_put((rows, cols), en) if entropy else None
+    else:
+        out = model(input_ids=batch.responses, attention_mask=batch.attention_mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True)
+        rest_lp, rest_ent = _token_logp(out.logits[:, :-1], batch.responses[:, 1:], temperature, entropy)
     ent = torch.cat([first_ent, rest_ent], 1) if entropy else None
     return torch.cat([first_lp, rest_lp], 1), ent, {}
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqrl.algorithms.fastdecode import rope_of, supported
+from seqrl.algorithms.fastdecode import rms_norm, rope_of, supported
 
 
 def packed_responses(model, cache, responses: torch.Tensor, live: torch.Tensor, prompt_mask: torch.Tensor,
@@ -33,6 +33,7 @@ def packed_responses(model, cache, responses: torch.Tensor, live: torch.Tensor, 
     if not supported(model, decoder) or len(cache.layers) != len(decoder.layers):
         return None
     rows, cols = live.nonzero(as_tuple=True)  # (R,) row-major: each row's tokens in order
+    flat = rows * live.shape[1] + cols  # (R,) index into (N * T)
     N, T = responses.shape
     P = prompt_mask.shape[1]
     h = decoder.embed_tokens(responses[rows, cols])  # (R, d)
@@ -42,19 +43,19 @@ def packed_responses(model, cache, responses: torch.Tensor, live: torch.Tensor, 
     rope = rope_of(decoder)
     for layer, kv in zip(decoder.layers, cache.layers):
         attn = layer.self_attn
-        x = layer.input_layernorm(h)
+        x = rms_norm(layer.input_layernorm, h)
         shape = (1, x.shape[0], -1, attn.head_dim)
         q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
         if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
         q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (1, heads, R, head_dim)
         q, k, v = (_pad(z, rows, cols, N, T) for z in (q[0].transpose(0, 1), k[0].transpose(0, 1), v[0]))
         keys, values = torch.cat([kv.keys, k], 2), torch.cat([kv.values, v], 2)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
                                              enable_gqa=q.shape[1] != keys.shape[1])  # (N, heads, T, head_dim)
-        h = h + attn.o_proj(out.transpose(1, 2)[rows, cols].flatten(1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return decoder.norm(h), rows, cols
+        h = h + attn.o_proj(out.transpose(1, 2).reshape(N * T, -1).index_select(0, flat))  # (R, heads * head_dim)
+        h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
+    return rms_norm(decoder.norm, h), rows, cols
 
 
 def _pad(flat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, N: int, T: int) -> torch.Tensor:

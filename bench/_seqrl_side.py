@@ -27,13 +27,14 @@ from seqrl.train import _KNOWN_NOISE, run_name
 PHASES = [  # see rl_step.breakdown
     ("generation (rollout engine)", [("_seqrl_side.py", "counted_rollout", None)], True),
     ("grading + reward shaping", [("seqrl/module.py", "_grade", None)], True),
-    ("reference/old log-probs (no grad)", [("rollout.py", "response_logprobs", "training_step")], True),
-    ("training forward + entropy + loss", [("rollout.py", "response_logprobs", "_update"),
+    ("reference/old log-probs (no grad)", [("scoring.py", "response_logprobs", "training_step")], True),
+    ("training forward + entropy + loss", [("scoring.py", "response_logprobs", "_score"),
                                            ("losses.py", "compute_policy_loss", None)], True),
     ("backward", BACKWARD, True),
     ("optimizer step + grad clip", OPTIMIZER, True),
-    ("rollout metrics + self.log_dict", [("seqrl/module.py", "_rollout_metrics", None),
-                                         ("lightning/pytorch/core/module.py", "log_dict", None)], True),
+    ("rollout metrics + logging", [("seqrl/module.py", "_rollout_metrics", None),
+                                   ("seqrl/module.py", "_log_to_loggers", None),
+                                   ("lightning/pytorch/core/module.py", "log_dict", None)], True),
 ]
 STEP_FN = ("seqrl/module.py", "training_step")
 

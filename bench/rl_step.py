@@ -18,7 +18,7 @@ per-step logging included, start-up not), in wall and in CPU seconds (its proces
 machine's load). Generated tokens/s = response tokens sampled (up to and including the stop token) / step time;
 trained tokens/s = response tokens under the loss mask / step time (equal here: grpo and gspo filter nothing). The
 ratio seqrl/TRL of trained tokens/s is taken per repeat (adjacent runs), per wall and per CPU second, as min/median/max.
-Writes results/perf/rl_step.json (bench/common.py).
+Writes results/perf/rl_step.json (rl_step_<n>threads.json with --threads n > 1; bench/common.py).
 """
 from __future__ import annotations
 
@@ -158,6 +158,8 @@ def matched(c) -> tuple[dict, list[tuple[str, str, str]], list[str]]:
         ("KL", f"kl_coef={a.kl_coef:g} ({a.kl_estimator}), frozen copy" if a.kl_coef else "none (kl_coef=0)",
          f"beta={a.kl_coef:g}, use_bias_correction_kl=False" + (", ref loaded from dir" if a.kl_coef else "")),
         ("aggregation", a.agg, f"loss_type={trl['loss_type']}"),
+        ("rows with advantage 0", "not scored: loss and gradient exactly 0" if a.kl_coef == 0 else
+         "scored (the KL term has a gradient)", "scored"),
         ("advantage", f"{a.advantage}: (r-mean)/(std+{a.adv_eps:g})", f"scale_rewards={trl['scale_rewards']}: +1e-4"),
         ("reward", f"grade_many + format_reward + shape_rewards, overlong_filter={a.overlong_filter}",
          f"the same functions, wrapped; mask_truncated_completions={a.overlong_filter}"),
@@ -168,7 +170,8 @@ def matched(c) -> tuple[dict, list[tuple[str, str, str]], list[str]]:
     ]
     gaps = [f"advantage eps: seqrl {a.adv_eps:g}, TRL 1e-4 (hard-coded); no effect on cost",
             "seqrl-train also saves last.ckpt after every RL step (ModelCheckpoint); left out, as TRL saves nothing",
-            "entropy: both compute it; seqrl from full (N, T, V) logits, TRL through its fused chunked LM head"]
+            "entropy: both compute it; seqrl from the scored rows' logits (the rollout's on rows left unscored), TRL "
+            "through its fused chunked LM head"]
     own = load_algorithm(a.name)  # the values of conf/algorithm/<name>.yaml
     if (own.ppo_epochs, own.ppo_minibatches) != (1, 1):
         gaps.append(f"conf/algorithm/{a.name}.yaml has ppo_epochs={own.ppo_epochs}, ppo_minibatches="
@@ -249,7 +252,8 @@ def main() -> None:
 
 def bench(args, base: dict, tmp: Path) -> None:
     """Alternate seqrl/TRL children for every algorithm and repeat; print the table and write the record."""
-    record = Record("rl_step", {k: v for k, v in base.items() if k != "hf_dir"} | {"repeats": args.repeats})
+    name = "rl_step" if args.threads == 1 else f"rl_step_{args.threads}threads"  # one record per thread count
+    record = Record(name, {k: v for k, v in base.items() if k != "hf_dir"} | {"repeats": args.repeats})
     results: dict = {}
     for algo in args.algos:
         _, c = compose_train(seqrl_overrides(base | {"algo": algo}))

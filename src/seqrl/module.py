@@ -8,7 +8,9 @@ Each Lightning training step is one RL step on `prompts_per_step` prompts:
    `seqrl.algorithms.shape_rewards` (overlong punishment / filtering, format reward);
 3. advantages (`compute_advantages`), old log-probs fixed once per rollout (skipped when the update is exactly
    on-policy: one epoch of one minibatch, where old = current, detached), optional frozen reference for KL;
-4. `ppo_epochs` x `ppo_minibatches` optimizer steps on `compute_policy_loss`, with gradient clipping.
+4. `ppo_epochs` x `ppo_minibatches` optimizer steps on `compute_policy_loss`, with gradient clipping; on the one
+   update of an on-policy step without KL, rows with zero advantage are not scored (`_rows_with_gradient`: their
+   loss and gradient are exactly zero, their tokens still count in the aggregation).
 The module never branches on an algorithm's name: every variant is a registry entry selected by the config.
 """
 from __future__ import annotations

@@ -14,7 +14,11 @@ dead rows dominate. Here:
   finished row);
 - positions are fed explicitly, as `Policy.forward` computes them: cumsum(mask) - 1 for text, Qwen2.5-VL's 3-D
   mrope positions (`get_rope_index`) for prompts with images; a response token continues from the prompt's last
-  position + 1 on all three axes.
+  position + 1 on all three axes;
+- the steps of a llama-style decoder (dense, moe, vl) run `seqrl.algorithms.fastdecode.FastDecoder` (a slab KV
+  cache written in place, the model's own sub-modules): the same logits to float rounding without the transformers
+  forward's per-call work; other models step through their forward and DynamicCache;
+- the entropy of each sampled position's softmax(logits / temperature) is recorded (`RolloutBatch.token_entropy`).
 """
 from __future__ import annotations
 

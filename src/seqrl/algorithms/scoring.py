@@ -13,7 +13,9 @@ float rounding, tests/test_logprobs.py):
   run per row, with explicit positions continuing the prompt's (`seqrl.algorithms.decode.prompt_inputs`). The
   first response token is predicted from the prompt forward's last position. Not for moe models, whose router
   aux loss needs one attention mask over all tokens of a forward, nor under activation checkpointing, which keeps
-  no cache (both take the full-width path).
+  no cache (both take the full-width path);
+- after the shared prompt, a llama-style decoder (dense, vl) runs the responses as one flat list of their real
+  tokens (`seqrl.algorithms.packed`): no norm, projection or MLP work on response padding.
 """
 from __future__ import annotations
 

@@ -152,6 +152,20 @@ def test_rows_with_zero_advantage_left_unscored_give_the_same_run(algorithm, tmp
         torch.testing.assert_close(a, b, rtol=0, atol=2 * lr + 1e-6)
 
 
+def test_rollout_threads_hold_while_decoding_only(tmp_path, monkeypatch):
+    """rollout.threads=1 on a 2-thread run: the rollout decodes on one intra-op thread, the rest keeps two."""
+    import torch
+
+    from seqrl.algorithms import rollout
+
+    seen, real = [], rollout.ROLLOUTS["standard"]
+    monkeypatch.setitem(rollout.ROLLOUTS, "standard", lambda *a, **k: seen.append(torch.get_num_threads()) or real(
+        *a, **k))
+    torch.set_num_threads(2)  # the one_thread fixture restores the count after the test
+    train(tmp_path, "rollout.threads=1", "trainer.max_steps=1", "threads=2")
+    assert seen == [1] and torch.get_num_threads() == 2
+
+
 @pytest.mark.slow
 def test_multirun_over_every_algorithm_through_the_cli(tmp_path):
     sweep = tmp_path / "sweep"

@@ -151,12 +151,13 @@ def test_rollout_token_entropy_is_the_training_forward_entropy(family):
     from seqrl.algorithms.rollout import response_logprobs
 
     policy = make_policy(family, STOPS)
-    cfg = RolloutConfig(max_new_tokens=12, temperature=0.7)
-    torch.manual_seed(0)
-    roll = hf_decode(policy, samples_for(family, 2), cfg, n=3)
-    with torch.no_grad():
-        _, ent, _ = response_logprobs(policy, roll, 0.7, entropy=True)
-    mask = roll.response_mask.bool()
-    torch.testing.assert_close(roll.token_entropy[mask], ent[mask], rtol=1e-4, atol=1e-5)
-    assert bool((roll.token_entropy[~mask] == 0).all())
+    for cfg in (RolloutConfig(max_new_tokens=12, temperature=0.7),  # read off the sampling probabilities
+                RolloutConfig(max_new_tokens=12, temperature=0.7, top_k=20)):  # computed apart from the warped ones
+        torch.manual_seed(0)
+        roll = hf_decode(policy, samples_for(family, 2), cfg, n=3)
+        with torch.no_grad():
+            _, ent, _ = response_logprobs(policy, roll, 0.7, entropy=True)
+        mask = roll.response_mask.bool()
+        torch.testing.assert_close(roll.token_entropy[mask], ent[mask], rtol=1e-4, atol=1e-5)
+        assert bool((roll.token_entropy[~mask] == 0).all())
     assert hf_decode(policy, samples_for(family, 1), cfg, n=1, greedy=True).token_entropy is None

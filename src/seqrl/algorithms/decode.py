@@ -51,7 +51,8 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: i
     logits = logits.to(torch.float32)
     if suppress is not None:
         logits = logits.masked_fill(suppress, -float("inf"))
-    logits = logits / temperature
+    if temperature != 1.0:  # generate() adds no temperature warper at 1.0 (x / 1 is x)
+        logits = logits / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -72,11 +73,19 @@ def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, greedy: bool,
-                suppress: torch.Tensor | None) -> torch.Tensor:
-    """Next tokens (B,) from logits (B, V): the argmax (greedy) or a sample of softmax(warp_logits(...))."""
+                suppress: torch.Tensor | None, entropy: bool = False):
+    """Next tokens (B,) from logits (B, V): the argmax (greedy) or a sample of softmax(warp_logits(...)); with
+    `entropy`, (tokens, `token_entropy` (B,)), read off the sampling probabilities when no warper but the
+    temperature is on."""
     if greedy:
-        return warp_logits(logits, 1.0, 1.0, 0, suppress).argmax(-1)
-    return torch.multinomial(warp_logits(logits, temperature, top_p, top_k, suppress).softmax(-1), 1).squeeze(1)
+        tok = warp_logits(logits, 1.0, 1.0, 0, suppress).argmax(-1)
+        return (tok, token_entropy(logits, temperature)) if entropy else tok
+    probs = warp_logits(logits, temperature, top_p, top_k, suppress).softmax(-1)  # (B, V)
+    tok = torch.multinomial(probs, 1).squeeze(1)
+    if not entropy:
+        return tok
+    plain = suppress is None and top_k == 0 and top_p >= 1.0  # probs = softmax(logits / temperature)
+    return tok, torch.special.entr(probs).sum(-1) if plain else token_entropy(logits, temperature)
 
 
 class DecodeRows:
@@ -187,11 +196,15 @@ def decode(policy, enc: dict, *, n: int, max_new_tokens: int, temperature: float
     ent = None if greedy else torch.zeros(buf.shape)
     running, t = len(rows.track), 0
     for t in range(max_new_tokens):
-        tok = sample_next(rows.logits, temperature, top_p, top_k, greedy, suppress)  # (slots,)
+        if ent is None:
+            tok = sample_next(rows.logits, temperature, top_p, top_k, greedy, suppress)  # (slots,)
+        else:
+            tok, tok_ent = sample_next(rows.logits, temperature, top_p, top_k, greedy, suppress, entropy=True)
         live = rows.track >= 0  # (slots,)
-        buf[rows.track[live], t] = tok.cpu()[live]
+        idx = rows.track[live]
+        buf[idx, t] = tok.cpu()[live]
         if ent is not None:
-            ent[rows.track[live], t] = token_entropy(rows.logits, temperature).cpu()[live]
+            ent[idx, t] = tok_ent.cpu()[live]
         is_stop = torch.isin(tok, stop).cpu() & live
         if t + 1 == max_new_tokens:
             break

@@ -34,9 +34,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        xn = xf * r
+        xn, r = _normalised(x, eps)
         ctx.save_for_backward(xn, r, weight)
         ctx.dtype = x.dtype
         return weight * xn.to(x.dtype)
@@ -50,9 +48,18 @@ class _RMSNorm(torch.autograd.Function):
         return dx.to(ctx.dtype), dw, None
 
 
+def _normalised(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+    return xf * r, r
+
+
 def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` for a Llama/Qwen RMSNorm module `norm` (weight over the last dim, `variance_epsilon`)."""
-    return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
+    """`norm(x)` for a Llama/Qwen RMSNorm module `norm` (weight over the last dim, `variance_epsilon`); without
+    autograd (decoding, reference log-probs) the same arithmetic without the Function's bookkeeping."""
+    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
+        return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
+    return norm.weight * _normalised(x, norm.variance_epsilon)[0].to(x.dtype)
 
 
 def rope_of(decoder):

@@ -179,6 +179,7 @@ class RLModule(L.LightningModule):
             return
         for logger in self.loggers:  # each logger writes on rank zero only
             logger.log_metrics({**metrics, "epoch": self.current_epoch}, step=self.rl_step - 1)
+            logger.save()  # as Lightning does after every log: metrics.csv is current after each step
 
     def on_train_end(self) -> None:
         """Data-parallel guard: every rank must end with bit-identical weights (gradients were all-reduced)."""

@@ -105,13 +105,13 @@ class DecodeRows:
         kw = prompt_inputs(model, family, enc)
         kw.pop("output_router_logits", None)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
-        self.cache = out.past_key_values
-        self.cache.batch_repeat_interleave(n)
         self.logits = out.logits[:, -1].repeat_interleave(n, 0)  # (B*n, V)
         self.mask = mask.repeat_interleave(n, 0)  # (B*n, P+t)
-        self.fast = FastDecoder.build(model, self.cache, self.mask, room) if fast else None
-        if self.fast is not None:
-            self.cache = None  # the slab holds the keys and values from here on
+        self.fast = FastDecoder.build(model, out.past_key_values, self.mask, room, n) if fast else None
+        self.cache = None  # with the fast path, its slab holds the keys and values
+        if self.fast is None:
+            self.cache = out.past_key_values
+            self.cache.batch_repeat_interleave(n)
         self.next_pos = (kw["position_ids"][..., -1] + 1).repeat_interleave(n, -1)  # (B*n,) or (3, B*n)
         self.track = torch.arange(ids.shape[0] * n)  # (rows,) track id of each slot, -1 = free
 

@@ -101,29 +101,30 @@ def _is_rms_norm(module) -> bool:
 class FastDecoder:
     """Decoding state of a supported model: the slab KV cache, the padding bias, and the step."""
 
-    def __init__(self, model, decoder, cache, mask: torch.Tensor, room: int):
+    def __init__(self, model, decoder, cache, mask: torch.Tensor, room: int, repeat: int):
         self.model, self.decoder = model, decoder
         self.rope = rope_of(decoder)
         self.filled = mask.shape[1]
         capacity = self.filled + room
         self.kv = []
-        for layer in cache.layers:  # (rows, kv_heads, P, head_dim) each
+        for layer in cache.layers:  # (prompts, kv_heads, P, head_dim) each
             bufs = []
             for x in (layer.keys, layer.values):
-                buf = x.new_empty(*x.shape[:2], capacity, x.shape[-1])
-                buf[:, :, :self.filled] = x
+                buf = x.new_empty(x.shape[0] * repeat, x.shape[1], capacity, x.shape[-1])
+                buf.view(x.shape[0], repeat, *buf.shape[1:])[:, :, :, :self.filled] = x.unsqueeze(1)  # one copy
                 bufs.append(buf)
             self.kv.append(bufs)
         self.bias = torch.zeros(mask.shape[0], capacity, device=mask.device)  # (rows, capacity) additive
         self.bias[:, :self.filled].masked_fill_(mask == 0, -float("inf"))
 
     @classmethod
-    def build(cls, model, cache, mask: torch.Tensor, room: int) -> "FastDecoder | None":
-        """From the prefill's cache (rows already repeated) and its mask (rows, P); None if unsupported."""
+    def build(cls, model, cache, mask: torch.Tensor, room: int, repeat: int = 1) -> "FastDecoder | None":
+        """From the prefill's cache, each prompt's row to be repeated `repeat` times, and the rows' mask
+        (prompts * repeat, P); None if the model is not supported."""
         decoder = model.get_decoder()
         if not supported(model, decoder) or len(cache.layers) != len(decoder.layers):
             return None
-        return cls(model, decoder, cache, mask, room)
+        return cls(model, decoder, cache, mask, room, repeat)
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep (and duplicate) rows `idx`."""

@@ -9,7 +9,7 @@ float rounding, tests/test_logprobs.py):
 - columns that are padding in every row are cut (left prompt padding, right response padding); with `buckets` > 1
   rows are sorted by length and scored in `buckets` forwards, each cut to its own longest row;
 - shared prompts are encoded once: a group's G rows share one prompt, so the prompt runs once per distinct prompt
-  (with gradient), its KV cache is repeated to the rows (`reorder_cache`, differentiable), and only the responses
+  (with gradient), its KV cache is repeated to the rows (`_repeat_rows`, differentiable), and only the responses
   run per row, with explicit positions continuing the prompt's (`seqrl.algorithms.decode.prompt_inputs`). The
   first response token is predicted from the prompt forward's last position. Not for moe models, whose router
   aux loss needs one attention mask over all tokens of a forward, nor under activation checkpointing, which keeps
@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from seqrl.algorithms.decode import prompt_inputs
 from seqrl.algorithms.packed import packed_responses
@@ -69,6 +70,19 @@ def _full(policy, batch, temperature: float, entropy: bool):
     return logp, ent, policy.router_metrics(out, batch.attention_mask)
 
 
+def _repeat_rows(cache, inverse: torch.Tensor, n_prompts: int) -> None:
+    """Row i of every cache layer becomes prompt inverse[i]'s. Plain layers take a one-hot matmul, whose backward is
+    a small matmul too (exact: sums of x * 1 and zeros); index_select's backward scatters into an expanded index, 4x
+    slower here. Other layer types use the cache's own `reorder_cache`."""
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.reorder_cache(inverse)
+        return
+    for layer in cache.layers:
+        pick = torch.nn.functional.one_hot(inverse, n_prompts).to(layer.keys.dtype)  # (N, U)
+        layer.keys, layer.values = ((pick @ x.flatten(1)).view(len(inverse), *x.shape[1:])
+                                    for x in (layer.keys, layer.values))
+
+
 def _shared_prompts(policy, batch, temperature: float, entropy: bool):
     """Each distinct prompt once (with gradient), its KV cache repeated to its rows, then the responses per row.
     None when no prompt repeats (nothing to share)."""
@@ -92,7 +106,7 @@ def _shared_prompts(policy, batch, temperature: float, entropy: bool):
     cache = pre.past_key_values
     if cache is None:  # a wrapper that turned the cache off
         return None
-    cache.reorder_cache(inverse.to(prompts.device))  # (N rows): gradients flow back to the shared prompt forward
+    _repeat_rows(cache, inverse.to(prompts.device), len(uniq))  # (N rows): gradients flow back to the prompt forward
     start = (kw["position_ids"][..., -1] + 1)[..., inverse]  # (N,) or (3, N): the first response position
     positions = start.unsqueeze(-1) + torch.arange(T, device=start.device)  # (N, T) or (3, N, T)
     first_lp, first_ent = _token_logp(pre.logits[inverse], batch.responses[:, :1], temperature, entropy)  # (N, 1)

@@ -142,6 +142,9 @@ def test_fast_decoder_only_for_the_layouts_it_implements():
     policy.model.config.model_type = "qwen3"
     policy.model.get_decoder().layers[0].self_attn.sliding_window = 16
     assert FastDecoder.build(policy.model, out.past_key_values, mask, 4) is None
+    policy.model.get_decoder().layers[0].self_attn.sliding_window = None
+    policy.model.config.attention_dropout = 0.1  # the transformers forward applies it in training mode
+    assert FastDecoder.build(policy.model, out.past_key_values, mask, 4) is None
 
 
 @pytest.mark.parametrize("family", ["dense", "vl"])

@@ -12,7 +12,8 @@ modelling file, MLP/MoE block, LM head); only the attention and the cache are ou
   key/value head side by side (no repeated keys), an additive bias for the prompts' left padding, softmax in
   float32 as the eager attention does.
 
-The logits equal the transformers forward's up to float rounding (tests/test_decode.py: 1e-5 on dense, moe and
+`supported`, `rope_of` and `rms_norm` are shared with `seqrl.algorithms.packed` (scoring). The logits equal the
+transformers forward's up to float rounding (tests/test_decode.py: 1e-5 on dense, moe and
 vl). Any other model (sliding windows, soft-capping, other layer layouts, flash/flex attention) keeps the
 transformers forward: `FastDecoder.build` returns None.
 """
@@ -28,9 +29,9 @@ SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qw
 
 class _RMSNorm(torch.autograd.Function):
     """y = w * (x * rsqrt(mean(x^2) + eps)) as the Llama/Qwen RMSNorm modules compute it (in float32, the
-    normalised value cast back to x's dtype before the weight), with a hand-written backward: 2 saved tensors and
-    about 8 kernels instead of autograd's chain through pow/mean/rsqrt/mul (3.6x faster forward + backward on a
-    (2441, 128) float32 input on CPU)."""
+    normalised value cast back to x's dtype before the weight), with a hand-written backward from the saved
+    normalised input and scale: about 8 kernels instead of autograd's chain through pow/mean/rsqrt/mul (3.6x faster
+    forward + backward on a (2441, 128) float32 input on CPU). Used by this step and by `seqrl.algorithms.packed`."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -75,6 +76,8 @@ def supported(model, decoder) -> bool:
     if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
         return False
     if config._attn_implementation not in ("sdpa", "eager") or getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    if getattr(config, "attention_dropout", 0.0):  # training-mode dropout is the transformers forward's to apply
         return False
     for layer in decoder.layers:
         if isinstance(layer, FSDPModule):  # its parameters are gathered by its own forward, which is not called here

@@ -21,7 +21,7 @@ from seqrl.algorithms.fastdecode import rms_norm, rope_of, supported
 
 
 def packed_responses(model, cache, responses: torch.Tensor, live: torch.Tensor, prompt_mask: torch.Tensor,
-                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Hidden states of the real response tokens after the final norm, and their (row, column) index.
 
     cache: the prompt forward's cache, repeated to the N rows (keys/values (N, kv_heads, P, head_dim) per layer);

@@ -106,7 +106,7 @@ class DecodeRows:
         kw.pop("output_router_logits", None)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
         self.logits = out.logits[:, -1].repeat_interleave(n, 0)  # (B*n, V)
-        self.mask = mask.repeat_interleave(n, 0)  # (B*n, P+t)
+        self.mask = mask.repeat_interleave(n, 0)  # (B*n, P+t); with the fast path the prompts' (B*n, P)
         self.fast = FastDecoder.build(model, out.past_key_values, self.mask, room, n) if fast else None
         self.cache = None  # with the fast path, its slab holds the keys and values
         if self.fast is None:
@@ -157,10 +157,10 @@ class DecodeRows:
 
     def step(self, model, tokens: torch.Tensor) -> None:
         """Feed one token per slot (B,); the logits for the next position replace `self.logits`."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
-        if self.fast is not None:
+        if self.fast is not None:  # it keeps its own padding bias: `mask` stays the prompts'
             self.logits, self.next_pos = self.fast.step(tokens, self.next_pos), self.next_pos + 1
             return
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
         out = model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos[..., None],
                     past_key_values=self.cache, use_cache=True)
         self.cache, self.logits = out.past_key_values, out.logits[:, -1]

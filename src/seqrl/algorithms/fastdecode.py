@@ -25,6 +25,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qwen2_5_vl", "qwen2_5_vl_text"}
+STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # cos/sin of a position do not depend on the sequence length
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -119,6 +120,7 @@ class FastDecoder:
             self.kv.append(bufs)
         self.bias = torch.zeros(mask.shape[0], capacity, device=mask.device)  # (rows, capacity) additive
         self.bias[:, :self.filled].masked_fill_(mask == 0, -float("inf"))
+        self.rope_table = None  # (cos, sin) (L, head_dim) of positions 0..L-1, built at the first step
 
     @classmethod
     def build(cls, model, cache, mask: torch.Tensor, room: int, repeat: int = 1) -> "FastDecoder | None":
@@ -146,6 +148,19 @@ class FastDecoder:
     def _grow(self) -> None:
         self.kv = [[torch.cat([b, torch.empty_like(b)], 2) for b in bufs] for bufs in self.kv]
         self.bias = torch.cat([self.bias, torch.zeros_like(self.bias)], 1)
+        self.rope_table = None  # positions may now pass the table's end
+
+    def _rotary(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (rows, 1, head_dim) at `positions`: 1-D positions with a static rope read a table the model's
+        rotary embedding filled once (the same values: cos/sin of position * inv_freq), mrope calls it each step."""
+        rotary = self.decoder.rotary_emb
+        if positions.dim() != 1 or getattr(rotary, "rope_type", None) not in STATIC_ROPE:
+            return rotary(h, positions[..., None])
+        if self.rope_table is None:  # every position until the slab is full: each step adds 1
+            length = int(positions.max()) + self.bias.shape[1] - self.filled + 1
+            cos, sin = rotary(h[:1], torch.arange(length, device=h.device)[None])  # (1, L, head_dim)
+            self.rope_table = cos[0], sin[0]
+        return tuple(t[positions].unsqueeze(1) for t in self.rope_table)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (rows, V) after feeding `tokens` (rows,) at `positions` ((rows,) or (3, rows) for mrope)."""
@@ -153,7 +168,7 @@ class FastDecoder:
             self._grow()
         n = self.filled + 1
         h = self.decoder.embed_tokens(tokens[:, None])  # (rows, 1, d)
-        cos, sin = self.decoder.rotary_emb(h, positions[..., None])
+        cos, sin = self._rotary(h, positions)
         bias = self.bias[:, None, None, :n]  # (rows, 1, 1, n)
         rows = h.shape[0]
         for layer, (kb, vb) in zip(self.decoder.layers, self.kv):

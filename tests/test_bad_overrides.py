@@ -29,6 +29,9 @@ BAD = [
     ("train", ["trainer.max_stepz=3"], "trainer.max_stepz: unknown key (did you mean max_steps?)", "max_steps"),
     ("train", ["algorithm.clip_hgih=0.3"], "algorithm.clip_hgih: unknown key (did you mean clip_high?)", "clip_low"),
     ("train", ["optimm.lr=0.1"], "optimm: unknown key (did you mean optim?)", "allowed: algorithm"),
+    ("train", ["+foo=1"], "foo: unknown key", "allowed: algorithm"),  # `+` adds keys the schema would not refuse
+    ("train", ["+algorithm.kl_coeff=0.1"], "algorithm.kl_coeff: unknown key (did you mean kl_coef?)", "clip_low"),
+    ("train", ["trainer=null"], "trainer=null: a config group takes one of its options", "allowed: cpu, ddp"),
     # wrong types
     ("train", ["rollout.temperature=abc"], "rollout.temperature='abc'", "must be a number"),
     ("train", ["prompts_per_step=1.5"], "prompts_per_step=1.5", "must be an integer"),

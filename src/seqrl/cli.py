@@ -86,6 +86,12 @@ def precheck(config_name: str, argv: list[str]) -> None:
 
     if any(a.startswith("-") for a in argv):
         return
+    for arg in argv:  # Hydra's own message for `group=null` names no key
+        key, _, value = arg.partition("=")
+        if value == "null" and (conf_dir() / key.lstrip("+~")).is_dir():
+            print(f"seqrl-{config_name}: error: {arg}: a config group takes one of its options; allowed: "
+                  f"{', '.join(group_options(key.lstrip('+~')))}", file=sys.stderr)
+            sys.exit(2)
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

@@ -276,6 +276,26 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalRunConfig)
 
 
+def _no_extra_keys(node: DictConfig, obj: Any, prefix: str = "") -> None:
+    """A key no schema field takes (added with `+key=value`, which the schema does not refuse) is one error line
+    naming it, not a setting silently ignored. Free-form fields (dicts such as model.arch) take any key."""
+    import dataclasses
+    import difflib
+
+    if dataclasses.is_dataclass(obj):
+        fields = sorted(f.name for f in dataclasses.fields(obj))
+        for key in node:
+            if key not in fields:
+                near = difflib.get_close_matches(str(key), fields, n=1)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                raise ValueError(f"{prefix}{key}: unknown key{hint}; allowed: {', '.join(fields)}")
+    children = vars(obj) if dataclasses.is_dataclass(obj) else obj if isinstance(obj, dict) else {}
+    for key, value in children.items():
+        child = node.get(key) if isinstance(node, DictConfig) else None
+        if isinstance(child, DictConfig):
+            _no_extra_keys(child, value, f"{prefix}{key}.")
+
+
 def validate(cfg: DictConfig) -> Any:
     """Instantiate the schema dataclasses (running every `__post_init__` check) and the cross-group checks.
 
@@ -286,6 +306,7 @@ def validate(cfg: DictConfig) -> Any:
     from seqrl.algorithms.vllm_engine import check_engine  # no vLLM import
 
     obj = OmegaConf.to_object(cfg)
+    _no_extra_keys(cfg, obj)
     _one_of("rollout.name", obj.rollout.name, tuple(sorted(ROLLOUTS)))
     _check(obj.rollout.name == "standard" or obj.rollout.engine == "hf", "rollout.engine", obj.rollout.engine,
            f"rollout={obj.rollout.name} decodes with its own loop on the HF model; allowed: hf")

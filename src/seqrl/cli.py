@@ -34,13 +34,9 @@ _TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "String": "a string
 
 def _unknown_key(cause) -> str:
     """`key: unknown key; allowed: <the keys beside it>`, with a close match first when there is one."""
-    import difflib
+    from seqrl.config import unknown_key
 
-    known = sorted(k for k in (cause.parent_node or {}) if k != "hydra")
-    bad = str(cause.key)
-    near = difflib.get_close_matches(bad, known, n=1)
-    hint = f" (did you mean {near[0]}?)" if near else ""
-    return f"{cause.full_key}: unknown key{hint}; allowed: {', '.join(known) or 'none at this level'}"
+    return unknown_key(cause.full_key, str(cause.key), (k for k in (cause.parent_node or {}) if k != "hydra"))
 
 
 def _wrong_type(cause, first: str) -> str:

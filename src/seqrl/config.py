@@ -276,19 +276,26 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalRunConfig)
 
 
+def unknown_key(full_key: str, bad: str, known) -> str:
+    """`key: unknown key (did you mean <closest>?); allowed: <the keys beside it>`."""
+    import difflib
+
+    known = sorted(known)
+    near = difflib.get_close_matches(bad, known, n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return f"{full_key}: unknown key{hint}; allowed: {', '.join(known) or 'none at this level'}"
+
+
 def _no_extra_keys(node: DictConfig, obj: Any, prefix: str = "") -> None:
     """A key no schema field takes (added with `+key=value`, which the schema does not refuse) is one error line
     naming it, not a setting silently ignored. Free-form fields (dicts such as model.arch) take any key."""
     import dataclasses
-    import difflib
 
     if dataclasses.is_dataclass(obj):
-        fields = sorted(f.name for f in dataclasses.fields(obj))
+        fields = [f.name for f in dataclasses.fields(obj)]
         for key in node:
             if key not in fields:
-                near = difflib.get_close_matches(str(key), fields, n=1)
-                hint = f" (did you mean {near[0]}?)" if near else ""
-                raise ValueError(f"{prefix}{key}: unknown key{hint}; allowed: {', '.join(fields)}")
+                raise ValueError(unknown_key(f"{prefix}{key}", str(key), fields))
     children = vars(obj) if dataclasses.is_dataclass(obj) else obj if isinstance(obj, dict) else {}
     for key, value in children.items():
         child = node.get(key) if isinstance(node, DictConfig) else None

@@ -75,11 +75,10 @@ def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, greedy: bool,
                 suppress: torch.Tensor | None, entropy: bool = False):
     """Next tokens (B,) from logits (B, V): the argmax (greedy) or a sample of softmax(warp_logits(...)); with
-    `entropy`, (tokens, `token_entropy` (B,)), read off the sampling probabilities when no warper but the
-    temperature is on."""
+    `entropy` (sampling only), (tokens, `token_entropy` (B,)), read off the sampling probabilities when no warper
+    but the temperature is on."""
     if greedy:
-        tok = warp_logits(logits, 1.0, 1.0, 0, suppress).argmax(-1)
-        return (tok, token_entropy(logits, temperature)) if entropy else tok
+        return warp_logits(logits, 1.0, 1.0, 0, suppress).argmax(-1)
     probs = warp_logits(logits, temperature, top_p, top_k, suppress).softmax(-1)  # (B, V)
     tok = torch.multinomial(probs, 1).squeeze(1)
     if not entropy:
@@ -139,13 +138,13 @@ class DecodeRows:
         src = torch.tensor([where[p] for p in parents])
         free = (self.track < 0).nonzero().squeeze(1)
         dst, extra = free[:len(src)], src[len(free):]
-        if len(dst) and self.fast is not None:
-            self.fast.copy_rows(dst, src[:len(dst)])
-        elif len(dst):
-            for layer in self.cache.layers:
-                layer.keys[dst.to(layer.keys.device)] = layer.keys[src[:len(dst)].to(layer.keys.device)]
-                layer.values[dst.to(layer.values.device)] = layer.values[src[:len(dst)].to(layer.values.device)]
         if len(dst):
+            if self.fast is not None:
+                self.fast.copy_rows(dst, src[:len(dst)])
+            else:
+                for layer in self.cache.layers:
+                    layer.keys[dst.to(layer.keys.device)] = layer.keys[src[:len(dst)].to(layer.keys.device)]
+                    layer.values[dst.to(layer.values.device)] = layer.values[src[:len(dst)].to(layer.values.device)]
             self.mask[dst], self.logits[dst] = self.mask[src[:len(dst)]], self.logits[src[:len(dst)]]
             self.next_pos[..., dst] = self.next_pos[..., src[:len(dst)]]
         if len(extra):  # no free slot left: append rows
@@ -179,7 +178,7 @@ def suppress_mask(model, vocab: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def decode(policy, enc: dict, *, n: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           top_k: int = 0, greedy: bool = False, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+           top_k: int = 0, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """n independent responses per prompt of `enc` (Policy.encode_prompts output, one row per prompt).
 
     Returns (tokens (B*n, T) long with T <= max_new_tokens the longest response, rows grouped by prompt, pad
@@ -190,7 +189,7 @@ def decode(policy, enc: dict, *, n: int, max_new_tokens: int, temperature: float
     model = policy.model
     stop = torch.as_tensor(policy.stop_token_ids, device=model.device)
     t0 = time.perf_counter()
-    rows = DecodeRows(model, {k: v.to(model.device) for k, v in enc.items()}, policy.family, n, max_new_tokens, fast)
+    rows = DecodeRows(model, {k: v.to(model.device) for k, v in enc.items()}, policy.family, n, max_new_tokens)
     suppress = suppress_mask(model, rows.logits.shape[-1])
     buf = torch.full((len(rows.track), max_new_tokens), policy.pad_token_id, dtype=torch.long)
     ent = None if greedy else torch.zeros(buf.shape)

@@ -114,8 +114,7 @@ def _shared_prompts(policy, batch, temperature: float, entropy: bool):
     packed = packed_responses(model, cache, batch.responses, live, batch.attention_mask[:, :P], positions)
     if packed is not None:  # the real tokens only (seqrl.algorithms.packed)
         hidden, rows, cols = packed
-        nxt = cols + 1 < T
-        nxt[nxt.clone()] = live[rows[nxt], cols[nxt] + 1]  # (R,) tokens that predict a next response token
+        nxt = torch.nn.functional.pad(live[:, 1:], (0, 1))[rows, cols]  # (R,) tokens followed by a response token
         rows, cols = rows[nxt], cols[nxt]
         lp, en = _token_logp(model.lm_head(hidden[nxt]), batch.responses[rows, cols + 1], temperature, entropy)
         rest_lp = lp.new_zeros(N, T - 1).index_put((rows, cols), lp)  # (N, T-1)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -216,6 +217,32 @@ def test_math_outside_the_main_thread_uses_a_killable_helper():
     thread.join(timeout=90)
     assert out["true"] is True and out["false"] is False and out["tower"] is False
     assert out["seconds"] < 60  # includes spawning the helper (imports sympy)
+
+
+def test_a_deadline_landing_in_a_finalizer_is_not_reported_and_still_stops_the_check():
+    """The alarm can fire inside a __del__, where its exception cannot propagate: nothing reaches the process's
+    unraisable hook, the repeating alarm stops the check in its own frames, and the hooks are restored."""
+    class SlowFinalizer:
+        def __del__(self):
+            end = time.perf_counter() + 0.3
+            while time.perf_counter() < end:
+                pass
+
+    def check():
+        SlowFinalizer()  # dropped at once: the first alarm (after 0.05 s) lands in __del__
+        while True:
+            pass
+
+    seen, outer = [], sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        start = time.perf_counter()
+        assert grading._with_deadline(check, 0.05) is None
+        assert time.perf_counter() - start < 2.0
+        assert sys.unraisablehook == seen.append
+    finally:
+        sys.unraisablehook = outer
+    assert seen == []
 
 
 def test_helper_process_is_killed_when_it_overruns_and_respawned(monkeypatch):

@@ -21,6 +21,7 @@ import logging
 import multiprocessing as mp
 import re
 import signal
+import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -63,14 +64,27 @@ def _parse(latex: str, fast: bool) -> list:
 
 
 def _with_deadline(fn, timeout_s: float) -> bool | None:
-    """Run fn() (main thread only) under a SIGALRM deadline; None when time ran out."""
+    """Run fn() (main thread only) under a SIGALRM deadline; None when time ran out.
+
+    The alarm repeats every 50 ms until fn stops: a _Deadline raised inside a finalizer (`__del__`, a weakref
+    callback) cannot propagate; Python hands it to sys.unraisablehook, where ours drops it silently, and the next
+    alarm lands in fn's own frames."""
     armed = [True]
 
     def on_alarm(signum, frame):
         if armed[0]:
             raise _Deadline()
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
+    def on_unraisable(meta):  # another object's report goes on, with the alarm held off while it is written
+        if not isinstance(meta.exc_value, _Deadline):
+            was, armed[0] = armed[0], False
+            try:
+                previous_hook(meta)
+            finally:
+                armed[0] = was
+
+    previous, previous_hook = signal.signal(signal.SIGALRM, on_alarm), sys.unraisablehook
+    sys.unraisablehook = on_unraisable
     try:
         try:
             signal.setitimer(signal.ITIMER_REAL, timeout_s, 0.05)
@@ -82,6 +96,7 @@ def _with_deadline(fn, timeout_s: float) -> bool | None:
         return None
     finally:
         signal.signal(signal.SIGALRM, previous)
+        sys.unraisablehook = previous_hook
 
 
 def _math_equal_here(pred: str, gold: str, timeout_s: float, fast: bool = False) -> bool:

@@ -56,8 +56,10 @@ def test_greedy_tokens_equal_generate_with_rows_ending_early(family):
 
 @pytest.mark.parametrize("family", ["dense", "vl"])
 def test_samples_equal_generate_for_the_same_rng_state_without_compaction(family, monkeypatch):
-    """Same warping arithmetic, same RNG draws (finished rows keep drawing until a compaction), so same tokens."""
+    """Same warping arithmetic and, with generate()'s draw swapped in, the same RNG draws (finished rows keep
+    drawing until a compaction), so the same tokens."""
     monkeypatch.setattr(decode_mod, "COMPACT_FRAC", 1.0)  # never compact: the batch shape generate() samples from
+    monkeypatch.setattr(decode_mod, "draw", decode_mod.multinomial_draw)
     policy = make_policy(family, STOPS)
     samples = samples_for(family, 2)
     for cfg in (RolloutConfig(max_new_tokens=20), RolloutConfig(max_new_tokens=20, temperature=0.7, top_p=0.9,
@@ -84,7 +86,8 @@ def test_compaction_drops_finished_rows_and_keeps_each_rows_tokens(monkeypatch):
     assert_same_batch(ours, hf_generate(policy, samples, cfg, n=4, greedy=True))
 
 
-def test_engine_dispatch_and_training_mode_restored():
+def test_engine_dispatch_and_training_mode_restored(monkeypatch):
+    monkeypatch.setattr(decode_mod, "draw", decode_mod.multinomial_draw)
     policy = make_policy("dense")
     policy.model.train()
     samples = samples_for("dense", 1)
@@ -164,3 +167,23 @@ def test_rollout_token_entropy_is_the_training_forward_entropy(family):
         torch.testing.assert_close(roll.token_entropy[mask], ent[mask], rtol=1e-4, atol=1e-5)
         assert bool((roll.token_entropy[~mask] == 0).all())
     assert hf_decode(policy, samples_for(family, 1), cfg, n=1, greedy=True).token_entropy is None
+
+
+def test_inverse_cdf_draw_samples_the_distribution_and_never_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
+    torch.manual_seed(0)
+    n = 40_000
+    tokens = decode_mod.inverse_cdf_draw(probs.repeat(n, 1)).view(n, 2)  # (n, 2)
+    for row in range(2):
+        freq = torch.bincount(tokens[:, row], minlength=6).double() / n
+        assert torch.all(freq[probs[row] == 0] == 0)
+        sigma = (probs[row].double() * (1 - probs[row].double()) / n).sqrt()
+        assert torch.all((freq - probs[row].double()).abs() <= 5 * sigma + 1e-12), (row, freq)
+    torch.manual_seed(0)
+    assert torch.equal(decode_mod.inverse_cdf_draw(probs.repeat(n, 1)).view(n, 2), tokens)  # seed fixes it
+
+
+def test_inverse_cdf_draw_falls_back_to_the_last_positive_token_when_u_rounds_up(monkeypatch):
+    probs = torch.tensor([[0.25, 0.75, 0.0], [1.0, 0.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))  # u = total
+    assert decode_mod.inverse_cdf_draw(probs).tolist() == [1, 0]

@@ -12,7 +12,7 @@ from seqrl.algorithms import compute_advantages, compute_policy_loss
 from seqrl.algorithms.eqlen import build_batch, decode_samples, eqlen_rollout
 from seqrl.algorithms.decode import warp_logits
 from seqrl.algorithms.eqlen_decode import Trace, Track, Unit, _Pairing
-from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, hf_generate, response_logprobs
+from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, hf_decode, hf_generate, response_logprobs
 from seqrl.config import RolloutConfig, validate
 
 STOPS = [2] + list(range(40, 50))  # eos plus ten characters: tracks end after ~10 tokens, so forks happen
@@ -188,9 +188,9 @@ def test_equal_lengths_reduce_exactly_to_the_base_algorithm_on_pairs(algo):
     torch.manual_seed(4)
     eq = eqlen_rollout(policy, samples, cfg, n=4)
     torch.manual_seed(4)
-    std = hf_generate(policy, samples, cfg, n=4)
+    std = hf_decode(policy, samples, cfg, n=4)
     assert eq.metrics["eqlen/forks"] == 0 and eq.metrics["eqlen/units_per_prompt"] == 2
-    assert torch.equal(eq.input_ids, std.input_ids)  # same sampler and RNG stream as HF generate
+    assert torch.equal(eq.input_ids, std.input_ids)  # same sampler and RNG stream as the standard rollout
     assert torch.equal(eq.response_mask, std.response_mask) and torch.equal(eq.attention_mask, std.attention_mask)
     pairs = torch.arange(len(std)) // 2
     assert torch.equal(eq.group_ids, pairs)

@@ -7,8 +7,10 @@ dead rows dominate. Here:
 - prefill once per prompt (images encoded once), then the cache rows are repeated for the n responses;
 - every step samples one token per running row (temperature, top-k, top-p and the model's `suppress_tokens`,
   in the order and with the arithmetic of HF `generate`, so the re-scoring `Policy.forward` at the same
-  temperature sees the sampling distribution when top-k/top-p are off, and a row's tokens equal `generate()`'s
-  for the same RNG state until the first compaction);
+  temperature sees the sampling distribution when top-k/top-p are off); the draw is `draw` (inverse CDF, one
+  uniform per row) instead of `torch.multinomial` (one exponential per vocabulary entry, 10x slower on CPU):
+  the same distribution, other draws for the same RNG state. With `draw = multinomial_draw` a row's tokens
+  equal `generate()`'s for the same RNG state until the first compaction (tests/test_decode.py);
 - a finished row frees its slot; free slots decode garbage until a fork reuses them (EqLen) or they pass
   COMPACT_FRAC of the batch, when `Cache.reorder_cache` compacts the cache (one copy per compaction, not one per
   finished row);
@@ -72,15 +74,37 @@ def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (lse - (z - lse).exp().mul(z).sum(-1, keepdim=True)).squeeze(1)
 
 
+def inverse_cdf_draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of probs (B, V) (rows sum to 1; zeros allowed): the first v with CDF(v) > u,
+    u ~ U[0, total) from `torch.rand`, the CDF in float64. A zero-probability token is never drawn (its CDF equals
+    its predecessor's); a u rounded up to the total falls back to the row's last positive token."""
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device).mul_(cdf[:, -1:])  # (B, 1)
+    tok = torch.searchsorted(cdf, u, right=True).squeeze(1)  # (B,)
+    over = tok == probs.shape[-1]
+    if bool(over.any()):
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+        tok = torch.where(over, last, tok)
+    return tok
+
+
+def multinomial_draw(probs: torch.Tensor) -> torch.Tensor:
+    """`torch.multinomial(probs, 1)`, HF generate's draw (tests swap it in to compare tokens with generate())."""
+    return torch.multinomial(probs, 1).squeeze(1)
+
+
+draw = inverse_cdf_draw  # the sampler of every decoding loop (module attribute: tests swap it)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, greedy: bool,
                 suppress: torch.Tensor | None, entropy: bool = False):
-    """Next tokens (B,) from logits (B, V): the argmax (greedy) or a sample of softmax(warp_logits(...)); with
+    """Next tokens (B,) from logits (B, V): the argmax (greedy) or a `draw` from softmax(warp_logits(...)); with
     `entropy` (sampling only), (tokens, `token_entropy` (B,)), read off the sampling probabilities when no warper
     but the temperature is on."""
     if greedy:
         return warp_logits(logits, 1.0, 1.0, 0, suppress).argmax(-1)
     probs = warp_logits(logits, temperature, top_p, top_k, suppress).softmax(-1)  # (B, V)
-    tok = torch.multinomial(probs, 1).squeeze(1)
+    tok = draw(probs)
     if not entropy:
         return tok
     plain = suppress is None and top_k == 0 and top_p >= 1.0  # probs = softmax(logits / temperature)

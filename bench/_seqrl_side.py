@@ -21,7 +21,6 @@ from rl_step import BACKWARD, OPTIMIZER, StepMarks, compose_train, load_prompts,
 from seqrl.loggers import build_loggers
 from seqrl.models import build_policy
 from seqrl.module import RLModule
-from seqrl.runtime import tune_malloc
 from seqrl.train import _KNOWN_NOISE, run_name
 
 
@@ -78,8 +77,6 @@ def run(job: dict) -> dict:
         warnings.filterwarnings("ignore", message=noise)
     cfg, c = compose_train(seqrl_overrides(job))
     torch.set_num_threads(c.threads)
-    if c.tune_malloc:  # as train.py
-        tune_malloc()
     policy = build_policy(c.model)
     L.seed_everything(c.seed, workers=True, verbose=False)
     module = RLModule(c, policy, load_prompts(c), [])

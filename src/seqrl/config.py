@@ -243,7 +243,6 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     threads: Optional[int] = None  # torch intra-op threads (None = torch's default); 1 for parallel CPU sweeps
-    tune_malloc: bool = True  # glibc malloc keeps freed activations for reuse (seqrl.runtime; no-op off glibc)
     max_bad_steps: int = 3  # stop after this many consecutive RL steps skipped for NaN/inf values
     length_buckets: int = 1  # log-prob forwards per minibatch, rows grouped by length (exact; less padding)
     prompts_per_step: int = 8

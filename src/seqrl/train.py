@@ -47,7 +47,6 @@ def train(cfg: DictConfig) -> dict:
     from seqrl.models import build_policy
     from seqrl.module import RLModule
     from seqrl.results import export_dir_atomic, provenance, write_json_atomic, write_text_atomic
-    from seqrl.runtime import tune_malloc
     from seqrl.warmup import init_seed, warmup
 
     for noise in _KNOWN_NOISE:
@@ -57,8 +56,6 @@ def train(cfg: DictConfig) -> dict:
     data_dir = str(Path(c.paths.data_dir).expanduser())
     if c.threads:
         torch.set_num_threads(c.threads)
-    if c.tune_malloc:
-        tune_malloc()
     L.seed_everything(init_seed(c), workers=True, verbose=False)  # model init + warm-up (shareable across seeds)
     policy = build_policy(c.model)
     warm = warmup(policy, c, log=log.info) if c.warmup.enabled else None

@@ -311,6 +311,7 @@ def validate(cfg: DictConfig) -> Any:
     from seqrl.algorithms import ADVANTAGES  # registry of advantage estimators
     from seqrl.algorithms.rollout import ROLLOUTS  # registry of rollout modes (seqrl.algorithms registers eqlen)
     from seqrl.algorithms.vllm_engine import check_engine  # no vLLM import
+    from seqrl.models import check_arch
 
     obj = OmegaConf.to_object(cfg)
     _no_extra_keys(cfg, obj)
@@ -318,6 +319,7 @@ def validate(cfg: DictConfig) -> Any:
     _check(obj.rollout.name == "standard" or obj.rollout.engine == "hf", "rollout.engine", obj.rollout.engine,
            f"rollout={obj.rollout.name} decodes with its own loop on the HF model; allowed: hf")
     check_engine(obj)  # rollout.engine=vllm needs CUDA
+    check_arch(obj.model)  # a random-init model's arch against its transformers config class (no weights)
     if isinstance(obj, EvalRunConfig) and obj.checkpoint is not None:
         _check(Path(obj.checkpoint).expanduser().exists(), "checkpoint", obj.checkpoint,
                "no such file or directory; allowed: an HF export dir, a Lightning .ckpt file, or null (model=...)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -312,6 +313,36 @@ def _build_tokenizer(kind: str, source: str | None, trust_remote_code: bool) -> 
     if tokenizer.chat_template is None:  # base checkpoints without a template (e.g. OLMoE): use ChatML
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+class _IdsOnly:
+    """Stands in for the tokenizer when only a random-init config's validity is checked (`check_arch`)."""
+
+    bos_token_id, pad_token_id, eos_token_id = 1, 0, 2
+
+    def __len__(self) -> int:
+        return 256
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 3
+
+
+def check_arch(cfg) -> None:
+    """ValueError in one line (`model.arch.<key>=<value>: <why>`) when the transformers config class rejects a
+    random-init model's `arch` (a wrong type, inconsistent sizes); builds the config only: no tokenizer, no weights.
+    Nothing to check when a checkpoint is loaded (name_or_path or local_dir)."""
+    cfg = _read_config(cfg)
+    if cfg["local_dir"] or cfg["name_or_path"]:
+        return
+    try:
+        get_family(cfg["family"]).random_config(cfg["arch"], _IdsOnly())
+    except Exception as exc:  # noqa: BLE001 - transformers raises TypeError, ValueError or its validation errors
+        why = str(exc.__cause__ or exc).splitlines()[-1].strip()
+        field = re.search(r"field '(\w+)'", str(exc))
+        arch = cfg["arch"]
+        key = field.group(1) if field and field.group(1) in arch else None
+        where = f"model.arch.{key}={arch[key]!r}" if key else "model.arch"
+        raise ValueError(f"{where}: {why} (transformers' {cfg['family']} config class)") from None
 
 
 def build_policy(cfg) -> Policy:

@@ -114,3 +114,30 @@ def test_rank_shares_partition_the_one_process_batches():
         assert sorted(union) == sorted(one[step * 8:(step + 1) * 8])
     assert sorted(one[:50]) == list(range(50))  # the shuffle covers the data once before repeating
     assert rank_share(50, 7, 8, 4, 1, 0) != one  # the seed decides the order
+
+
+def _failing_rollout(rank: int, init: str, out):
+    """Rank 1's rollout raises; both ranks then meet in the next collective (as globally_finite's all-gather)."""
+    from seqrl.distributed import gather_objects
+    from seqrl.faults import on_every_rank
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+
+    def rollout():
+        if rank == 1:
+            raise ValueError("reward function broke on 'x'")
+        return "rollout"
+
+    try:
+        result = on_every_rank(rollout, "rollout")
+        gather_objects(True)  # the step's next collective: would block rank 0 forever without the agreement
+    except Exception as exc:  # noqa: BLE001
+        result = f"{type(exc).__name__}: {exc}"
+    out.put((rank, result))
+    dist.destroy_process_group()
+
+
+def test_an_exception_in_one_ranks_rollout_stops_every_rank(tmp_path):
+    results = run_ranks(_failing_rollout, lambda r, init, out: (r, init, out), tmp_path, timeout_s=120)
+    assert results[1] == "ValueError: reward function broke on 'x'"  # its own exception
+    assert results[0] == "RuntimeError: rank 1 failed in the rollout: ValueError: reward function broke on 'x'"

@@ -28,7 +28,7 @@ from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, intra_op_threads, r
 from seqrl.checkpointing import rng_state, set_rng_state
 from seqrl.distributed import gather_objects, params_checksum, rank_share, shard, world_size
 from seqrl.eval.grading import format_reward, grade_many
-from seqrl.faults import FaultGuard, globally_finite
+from seqrl.faults import FaultGuard, globally_finite, on_every_rank
 from seqrl.models import get_family
 from seqrl.eval.harness import EvalSet, evaluate_rollout, generate_for_eval
 
@@ -134,7 +134,7 @@ class RLModule(L.LightningModule):
     # --------------------------------------------------------------- train
     def training_step(self, batch: list, batch_idx: int):
         t0 = time.perf_counter()
-        roll, g, rounds = self._rollout(batch)
+        roll, g, rounds = on_every_rank(lambda: self._rollout(batch), "rollout")  # rank-local: no collective inside
         roll, g = roll.to(self.device), {k: v.to(self.device) for k, v in g.items()}  # CPU from the engines
         finite_rewards = globally_finite(g["rewards"])
         adv = compute_advantages(self.algo, g["rewards"], roll.group_ids) if finite_rewards else None  # (N,)

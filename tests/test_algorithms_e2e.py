@@ -134,8 +134,8 @@ def test_rows_with_zero_advantage_left_unscored_give_the_same_run(algorithm, tmp
     monkeypatch.setattr(module, "grade_many", grade)
     scored, weights = [], []
     real_score, real_end = module.RLModule._score, module.RLModule.on_train_end
-    monkeypatch.setattr(module.RLModule, "_score", lambda self, mb, live: scored.append(
-        len(mb) if live is None else len(live)) or real_score(self, mb, live))
+    monkeypatch.setattr(module.RLModule, "_score", lambda self, mb, live, parts=(): scored.append(
+        len(mb) if live is None else len(live)) or real_score(self, mb, live, parts))
     monkeypatch.setattr(module.RLModule, "on_train_end", lambda self: weights.append(
         [p.detach().clone() for p in self.model.parameters()]) or real_end(self))
     one_update = [f"algorithm={algorithm}", "algorithm.ppo_epochs=1", "algorithm.ppo_minibatches=1"]
@@ -150,6 +150,44 @@ def test_rows_with_zero_advantage_left_unscored_give_the_same_run(algorithm, tmp
     lr = float(compose("train", overrides(tmp_path, *one_update)).optim.lr)
     for a, b in zip(*weights):  # AdamW may turn float noise on a zero gradient into +-lr: at most 2 steps of it
         torch.testing.assert_close(a, b, rtol=0, atol=2 * lr + 1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm,extra", [
+    ("grpo", []),  # token clip, seq-mean-token-mean, a KL term: every row back-propagated
+    ("fspo", ["algorithm.ppo_epochs=2", "algorithm.ppo_minibatches=2"]),  # off-policy: FSPO's batch mean mu != 0
+    ("dapo", []),  # token-mean over the minibatch's tokens
+    ("gspo", ["model=tiny_moe"]),  # router metrics token-weighted over the parts
+])
+def test_micro_batches_give_the_same_run(algorithm, extra, tmp_path, monkeypatch):
+    """micro_batch_size=3 (parts of 3, 3, 2 ... rows): the backward forwards see at most 3 rows, and the run logs
+    the same metrics (moe router statistics: per part, token-weighted) and ends with the same weights as one forward
+    per minibatch."""
+    import torch
+
+    import seqrl.module as module
+
+    sizes, weights = [], []
+    real_logprobs, real_end = module.response_logprobs, module.RLModule.on_train_end
+    monkeypatch.setattr(module, "response_logprobs", lambda policy, batch, *a, **k: (
+        sizes.append(len(batch)) if torch.is_grad_enabled() else None) or real_logprobs(policy, batch, *a, **k))
+    monkeypatch.setattr(module.RLModule, "on_train_end", lambda self: weights.append(
+        [p.detach().clone() for p in self.model.parameters()]) or real_end(self))
+    setup = [f"algorithm={algorithm}", *extra]
+    parts = train(tmp_path / "parts", *setup, "micro_batch_size=3")
+    assert sizes and max(sizes) <= 3 and sum(sizes) >= 16  # rows back-propagated in parts of at most 3
+    sizes.clear()
+    whole = train(tmp_path / "whole", *setup)
+    algo = compose("train", overrides(tmp_path, *setup)).algorithm
+    assert len(sizes) == 2 * algo.ppo_epochs * algo.ppo_minibatches  # 2 steps, one forward per minibatch
+    # router statistics (load cv, max/mean, aux loss) are per forward, token-weighted over parts (as over buckets)
+    apart = [k for k in whole["train"] if k.startswith(("perf/", "moe/"))]
+    assert {k: v for k, v in parts["train"].items() if k not in apart} == pytest.approx(
+        {k: v for k, v in whole["train"].items() if k not in apart}, rel=1e-4, abs=1e-6)
+    assert {k for k in parts["train"] if k.startswith("moe/")} == {k for k in apart if k.startswith("moe/")}
+    lr = float(compose("train", overrides(tmp_path, *setup)).optim.lr)
+    for a, b in zip(*weights):  # AdamW may turn float noise on a zero gradient into +-lr per optimizer step
+        torch.testing.assert_close(a, b, rtol=0, atol=4 * lr + 1e-6)
 
 
 def test_rollout_threads_hold_while_decoding_only(tmp_path, monkeypatch):

@@ -70,6 +70,7 @@ BAD = [
     ("train", ["rollout.engine=tgi"], "rollout.engine='tgi'", "allowed: hf, hf_generate, vllm"),
     ("train", ["rollout.threads=0"], "rollout.threads=0", "must be >= 1 or null"),
     ("train", ["length_buckets=0"], "length_buckets=0", "must be >= 1"),
+    ("train", ["micro_batch_size=0"], "micro_batch_size=0", "must be >= 1 or null"),
     # a random-init model's arch, checked by its transformers config class (no weights built)
     ("train", ["model.arch.hidden_size=abc"], "model.arch.hidden_size='abc'", "expected int, got str"),
     ("train", ["model.arch.num_hidden_layers=-1"], "model.arch: `num_hidden_layers` (-1)", "layer_types"),
@@ -97,7 +98,7 @@ GOOD = [
     ("train", ["algorithm.ppo_minibatches=16", "prompts_per_step=4", "rollout.group_size=4"]),
     ("train", ["data=image_count", "model=tiny_vl"]),
     ("train", ["data=gsm8k", "data.path=gsm8k/test.jsonl"]),
-    ("train", ["model.arch.hidden_size=64", "model.arch.num_hidden_layers=1"]),
+    ("train", ["model.arch.hidden_size=64", "model.arch.num_hidden_layers=1", "micro_batch_size=1"]),
     ("eval", ["model=oracle", "eval=math", "eval.n_samples=1"]),
     ("eval", ["eval=vision", "model=tiny_vl", "checkpoint=null"]),
 ]

@@ -115,10 +115,13 @@ def test_gpus_needed_is_the_fewest_that_fit(experiment):
         need = gpus_needed(cfg, 80.0, micro_rows=micro)
         assert need is not None and max(peaks(estimate(cfg, need, micro_rows=micro)).values()) <= 80 * GIB
         assert max(peaks(estimate(cfg, need // 2, micro_rows=micro)).values()) > 80 * GIB
-        if micro is None:  # the experiment provisions what LUSPO needs with today's unbatched update
-            assert cfg.trainer.devices * cfg.trainer.num_nodes >= need
+        if micro is None:  # the experiment provisions what it needs with its own micro_batch_size
+            assert cfg.micro_batch_size is not None and cfg.trainer.devices * cfg.trainer.num_nodes >= need
     grpo = compose("train", [f"experiment={experiment}", "algorithm=grpo", "paths.output_dir=/tmp/unused"])
-    assert gpus_needed(grpo, 80.0) is None  # one minibatch of 2048 rows per update: the logits alone overflow
+    assert estimate(grpo, 8) == estimate(grpo, 8, micro_rows=grpo.micro_batch_size)  # the config's parts by default
+    whole = compose("train", [f"experiment={experiment}", "algorithm=grpo", "paths.output_dir=/tmp/unused",
+                              "micro_batch_size=null"])
+    assert gpus_needed(whole, 80.0) is None  # one forward of 2048 rows per update: the logits alone overflow
 
 
 def test_cli_prints_the_table(capsys):

@@ -33,7 +33,8 @@ def test_seqrl_train_ddp_two_processes(tmp_path):
 def test_first_update_of_two_processes_equals_one_process_on_the_same_global_batch(tmp_path):
     """`seqrl-train experiment=smoke trainer=ddp` (2 processes) vs trainer=cpu (1 process), same global batch of
     8 prompts x 4 (rank shares partition it) and the same responses (`replay` rollout, tests/fixtures): the first
-    update's loss, reward and pre-clip gradient norm match, and so do the updated weights."""
+    update's loss, reward and pre-clip gradient norm match, and so do the updated weights; also with the DDP
+    backward in parts of at most 3 rows (micro_batch_size, one gradient all-reduce per part)."""
     from safetensors.torch import load_file
 
     script = ROOT / "tests" / "fixtures" / "replay_train.py"
@@ -41,22 +42,24 @@ def test_first_update_of_two_processes_equals_one_process_on_the_same_global_bat
         "trainer.max_steps=1", "prompts_per_step=8", "rollout.name=replay", "warmup.enabled=false",
         "eval.heldout=false", "algorithm=grpo", "algorithm.ppo_minibatches=1", "logger=csv"]
     runs = {}
-    for trainer in ("cpu", "ddp"):
-        out = tmp_path / trainer
-        proc = subprocess.run([sys.executable, str(script), *common, f"trainer={trainer}", f"hydra.run.dir={out}"],
+    for name, extra in (("cpu", ["trainer=cpu"]), ("ddp", ["trainer=ddp"]),
+                        ("ddp_parts", ["trainer=ddp", "micro_batch_size=3"])):  # 16 rows a rank: parts of 3 or 2
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, str(script), *common, *extra, f"hydra.run.dir={out}"],
                               capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ})
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[trainer] = (json.loads((out / "results.json").read_text()), load_file(out / "hf" / "model.safetensors"))
-    (one, w1), (two, w2) = runs["cpu"], runs["ddp"]
-    assert two["world_size"] == 2 and one["world_size"] == 1 and two["ddp_params_in_sync"] is True
-    for key in ("train/loss", "train/grad_norm", "train/reward/mean", "train/response_length/mean"):
-        assert abs(one["train"][key] - two["train"][key]) <= 1e-5 * max(1.0, abs(one["train"][key])), key
-    assert one["train"]["train/grad_norm"] > 0
+        runs[name] = (json.loads((out / "results.json").read_text()), load_file(out / "hf" / "model.safetensors"))
+    one, w1 = runs["cpu"]
+    assert one["world_size"] == 1 and one["train"]["train/grad_norm"] > 0
     lr = 2.0e-4  # experiment=smoke; AdamW's first step moves each weight by ~lr * sign(gradient)
-    for name, a in w1.items():
-        diff = (a - w2[name]).abs()
-        assert float(diff.max()) <= 2 * lr, name  # never more than a flipped sign on a ~0 gradient entry
-        assert float((diff > 1e-3 * lr).float().mean()) < 1e-3, name  # and almost everywhere equal
+    for two, w2 in (runs["ddp"], runs["ddp_parts"]):
+        assert two["world_size"] == 2 and two["ddp_params_in_sync"] is True
+        for key in ("train/loss", "train/grad_norm", "train/reward/mean", "train/response_length/mean"):
+            assert abs(one["train"][key] - two["train"][key]) <= 1e-5 * max(1.0, abs(one["train"][key])), key
+        for name, a in w1.items():
+            diff = (a - w2[name]).abs()
+            assert float(diff.max()) <= 2 * lr, name  # never more than a flipped sign on a ~0 gradient entry
+            assert float((diff > 1e-3 * lr).float().mean()) < 1e-3, name  # and almost everywhere equal
 
 
 def _grads(rows: list[int], texts, algo, world: int, rank: int, init: str, out):
@@ -141,3 +144,21 @@ def test_an_exception_in_one_ranks_rollout_stops_every_rank(tmp_path):
     results = run_ranks(_failing_rollout, lambda r, init, out: (r, init, out), tmp_path, timeout_s=120)
     assert results[1] == "ValueError: reward function broke on 'x'"  # its own exception
     assert results[0] == "RuntimeError: rank 1 failed in the rollout: ValueError: reward function broke on 'x'"
+
+
+def test_every_rank_back_propagates_in_as_many_parts_as_the_rank_that_needs_most(monkeypatch):
+    """micro_batch_size=3 with 2 rows to back-propagate here and 7 (3 parts) on another rank: 3 parts here too,
+    the empty one marked None (row 0 with a zero gradient), so every rank runs as many DDP backwards."""
+    from types import SimpleNamespace
+
+    import seqrl.module as module
+
+    monkeypatch.setattr(module, "gather_objects", lambda mine: [mine, 3])
+    me = SimpleNamespace(cfg=SimpleNamespace(micro_batch_size=3))
+    parts = module.RLModule._micro_parts(me, list(range(8)), torch.tensor([1, 5]))
+    assert [None if p is None else p.tolist() for p in parts] == [[1], [5], None]
+    monkeypatch.setattr(module, "gather_objects", lambda mine: [mine])
+    assert module.RLModule._micro_parts(me, list(range(3)), None) == []  # one part: the plain backward
+    assert [p.tolist() for p in module.RLModule._micro_parts(me, list(range(7)), None)] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert module.RLModule._micro_parts(SimpleNamespace(cfg=SimpleNamespace(micro_batch_size=None)), [0] * 9,
+                                        None) == []

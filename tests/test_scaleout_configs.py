@@ -106,7 +106,7 @@ def test_slurm_launcher_yaml_sizes_jobs_from_the_trainer():
     assert OmegaConf.is_missing(raw, "partition") and raw.timeout_min >= 60 and raw.max_num_timeout == 0
 
 
-@pytest.mark.parametrize("overrides,devices,nodes", [([], 8, 16), (["trainer.devices=4", "trainer.num_nodes=2"], 4, 2)])
+@pytest.mark.parametrize("overrides,devices,nodes", [([], 8, 4), (["trainer.devices=4", "trainer.num_nodes=2"], 4, 2)])
 def test_slurm_launcher_composes_with_tasks_per_node_equal_to_devices(overrides, devices, nodes):
     """Needs hydra-submitit-launcher (the [slurm] extra): Hydra resolves the launcher and builds it."""
     from hydra.utils import instantiate

@@ -13,8 +13,8 @@ S = N under trainer=fsdp (seqrl.distributed.FSDP2Strategy; 1 otherwise: every re
 - rollout weights: the policy gathered whole for generation under fsdp, P x compute bytes;
 - KV cache: rows x (prompt + max_new_tokens) x layers x 2 x kv_heads x head_dim x compute bytes, rows =
   prompts_per_step / N x group_size (seqrl's hf engine decodes all of a rank's rows at once; vLLM would page);
-- activations: per PPO minibatch (prompts_per_step x G / (N x ppo_minibatches) rows, prompt + max_new_tokens
-  tokens each): with activation checkpointing every layer keeps its input (hidden x compute bytes per token) and
+- activations: per forward, a PPO minibatch (prompts_per_step x G / (N x ppo_minibatches) rows) or micro_batch_size
+  rows (`RLModule._backward_in_parts`), prompt + max_new_tokens tokens each: with activation checkpointing every layer keeps its input (hidden x compute bytes per token) and
   one layer is recomputed at a time, its working set counted twice (forward + backward); without it every layer
   keeps its working set. Working set per token and layer: compute bytes x (6 hidden + 2 kv_heads x head_dim +
   4 x MLP width), MLP width = intermediate (dense) or top-k x expert intermediate (MoE), plus fp32 router logits;
@@ -156,7 +156,7 @@ def activation_bytes_per_token_layer(a: Arch, dtype_bytes: int) -> int:
 
 def estimate(cfg, gpus: int | None = None, prompt_len: int = 512, micro_rows: int | None = None) -> dict[str, float]:
     """Bytes per GPU of each component for a composed train config on `gpus` processes (default: the config's);
-    `micro_rows`: rows per forward/backward if updates were micro-batched (None: a whole PPO minibatch, as now)."""
+    `micro_rows`: rows per forward/backward (default: the config's micro_batch_size, else a whole PPO minibatch)."""
     a = arch_of(cfg.model)
     n = param_counts(a)
     strategy = cfg.trainer.strategy
@@ -170,6 +170,7 @@ def estimate(cfg, gpus: int | None = None, prompt_len: int = 512, micro_rows: in
     seq = prompt_len + cfg.rollout.max_new_tokens
     rows = cfg.prompts_per_step / world * cfg.rollout.group_size  # per rank
     mb_rows = math.ceil(rows / cfg.algorithm.get("ppo_minibatches", 1))
+    micro_rows = micro_rows or cfg.get("micro_batch_size")
     mb_tokens = min(mb_rows, micro_rows or mb_rows) * seq
     per_layer = activation_bytes_per_token_layer(a, compute)
     acts = mb_tokens * (a.layers * a.hidden * compute + 2 * per_layer) if ckpt else mb_tokens * a.layers * per_layer
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU (GiB)")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per row (images included)")
     parser.add_argument("--micro-batch", type=int, default=None,
-                        help="rows per forward/backward if updates were micro-batched (default: a PPO minibatch)")
+                        help="rows per forward/backward (default: the config's micro_batch_size, else a PPO "
+                        "minibatch)")
     args = parser.parse_args(argv)
     from hydra import compose, initialize_config_dir
 

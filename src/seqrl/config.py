@@ -245,6 +245,9 @@ class TrainConfig:
     threads: Optional[int] = None  # torch intra-op threads (None = torch's default); 1 for parallel CPU sweeps
     max_bad_steps: int = 3  # stop after this many consecutive RL steps skipped for NaN/inf values
     length_buckets: int = 1  # log-prob forwards per minibatch, rows grouped by length (exact; less padding)
+    # rows per forward/backward inside a PPO minibatch (gradients accumulate, exact; null = the whole minibatch):
+    # bounds the update's activation memory at one extra forward without a graph (RLModule._backward_in_parts)
+    micro_batch_size: Optional[int] = None
     prompts_per_step: int = 8
     sample_table_every: int = 10  # log a W&B table of completions every N RL steps (0 = never)
     ckpt_path: Optional[str] = None  # resume from this Lightning checkpoint ("last" = the run dir's last.ckpt)
@@ -335,6 +338,8 @@ def validate(cfg: DictConfig) -> Any:
         _check(obj.threads is None or obj.threads >= 1, "threads", obj.threads, "must be >= 1 or null")
         _check(obj.max_bad_steps >= 1, "max_bad_steps", obj.max_bad_steps, "must be >= 1")
         _check(obj.length_buckets >= 1, "length_buckets", obj.length_buckets, "must be >= 1")
+        _check(obj.micro_batch_size is None or obj.micro_batch_size >= 1, "micro_batch_size", obj.micro_batch_size,
+               "must be >= 1 or null (the whole minibatch)")
         if obj.algorithm.group_relative:
             _check(obj.rollout.group_size >= 2, "rollout.group_size", obj.rollout.group_size,
                    f"algorithm {obj.algorithm.name} uses a group-relative advantage "

@@ -10,11 +10,13 @@ Each Lightning training step is one RL step on `prompts_per_step` prompts:
    on-policy: one epoch of one minibatch, where old = current, detached), optional frozen reference for KL;
 4. `ppo_epochs` x `ppo_minibatches` optimizer steps on `compute_policy_loss`, with gradient clipping; on the one
    update of an on-policy step without KL, rows with zero advantage are not scored (`_rows_with_gradient`: their
-   loss and gradient are exactly zero, their tokens still count in the aggregation).
+   loss and gradient are exactly zero, their tokens still count in the aggregation); with `micro_batch_size`, the
+   backward runs over parts of that many rows (`_backward_in_parts`, exact).
 The module never branches on an algorithm's name: every variant is a registry entry selected by the config.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -25,6 +27,7 @@ import torch
 from seqrl.algorithms import compute_advantages, compute_policy_loss, dynamic_sampling_keep, shape_rewards
 from seqrl.algorithms.losses import ADVANTAGE_SCALED
 from seqrl.algorithms.rollout import ROLLOUTS, cat_rollouts, intra_op_threads, response_logprobs
+from seqrl.algorithms.scoring import weighted_metrics
 from seqrl.checkpointing import rng_state, set_rng_state
 from seqrl.distributed import gather_objects, params_checksum, rank_share, shard, world_size
 from seqrl.eval.grading import format_reward, grade_many
@@ -198,7 +201,12 @@ class RLModule(L.LightningModule):
                 if sum(gather_objects(float(mask[rows].sum()))) == 0:  # e.g. all rows overlong-filtered, on every
                     continue  # rank: no optimizer step, so AdamW's momentum cannot move the weights on zero gradients
                 mb = roll.select(rows)
-                logp, ent, router = self._score(mb, self._rows_with_gradient(mb, adv[rows], ref_logp))
+                live = self._rows_with_gradient(mb, adv[rows], ref_logp)
+                split = self._micro_parts(mb, live)
+                with torch.no_grad() if split else contextlib.nullcontext():
+                    logp, ent, router = self._score(mb, live, split)
+                if split:
+                    logp.requires_grad_()  # a leaf: the loss's gradient with respect to the log-probs
                 if not globally_finite(logp.detach(), mask=mask[rows]):
                     faults.append("log-probs")
                     continue
@@ -210,7 +218,10 @@ class RLModule(L.LightningModule):
                     faults.append("loss")
                     continue
                 opt.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
+                if split:
+                    self._backward_in_parts(mb, split, torch.autograd.grad(loss, logp)[0])
+                else:
+                    self.manual_backward(loss)
                 clip = self.cfg.optim.grad_clip
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
                 if not torch.isfinite(norm):  # identical on every rank: the gradients were all-reduced
@@ -246,18 +257,52 @@ class RLModule(L.LightningModule):
             return None
         return (adv != 0).nonzero().squeeze(1)
 
-    def _score(self, mb, live: torch.Tensor | None):
-        """(log-probs (N, T), token entropy (N, T), router metrics) of minibatch `mb`, scoring only rows `live`
-        (None: all; at least one row is scored, so the update's graph and optimizer step stay as they are). The
-        rows left out get log-prob 0 (a constant, and their old log-prob: ratio 1) and the rollout's entropy."""
+    def _micro_parts(self, mb, live: torch.Tensor | None) -> list[torch.Tensor]:
+        """The rows of minibatch `mb` to back-propagate, in parts of at most `micro_batch_size` rows; [] when one
+        forward takes them all. Every data-parallel rank makes as many parts as the rank that needs most (DDP
+        reduces gradients once per backward); an empty part is row 0 with a zero gradient."""
+        size, rows = self.cfg.micro_batch_size, live if live is not None else torch.arange(len(mb))
+        if size is None:
+            return []
+        count = max(gather_objects(-(-len(rows) // size)))
+        if count <= 1:
+            return []
+        return [part if len(part) else None for part in torch.tensor_split(rows, count)]
+
+    def _backward_in_parts(self, mb, parts: list, grad: torch.Tensor) -> None:
+        """Accumulate the minibatch's parameter gradient from forwards of a few rows each: with g = dL/dlogp (N, T)
+        from the loss on the whole minibatch's log-probs (scored without a graph), dL/dtheta = sum over parts of
+        g_part . dlogp_part/dtheta, so each part's backward of logp_part against g_part adds its share (exact: the
+        chain rule; the aggregation's counts, FSPO's batch mean and every metric saw the whole minibatch). Costs one
+        forward without a graph more than a single forward (the log-probs are scored part by part too); the
+        activations and logits held are one part's."""
         temp, buckets = self.cfg.rollout.temperature, self.cfg.length_buckets
-        if live is None or len(live) == len(mb):
+        for part in parts:
+            idx = part if part is not None else torch.zeros(1, dtype=torch.long)
+            logp = response_logprobs(self.policy, mb.select(idx), temp, buckets=buckets)[0]  # (n, T)
+            g = grad[idx.to(grad.device)]
+            self.manual_backward(logp, g if part is not None else torch.zeros_like(g))
+
+    def _score(self, mb, live: torch.Tensor | None, parts: list | tuple = ()):
+        """(log-probs (N, T), token entropy (N, T), router metrics) of minibatch `mb`, scoring only rows `live`
+        (None: all; at least one row is scored, so the update's graph and optimizer step stay as they are), one
+        forward per part of `parts` (`_micro_parts`; the caller holds no graph then). The rows left out get
+        log-prob 0 (a constant, and their old log-prob: ratio 1) and the rollout's entropy."""
+        temp, buckets = self.cfg.rollout.temperature, self.cfg.length_buckets
+        if not parts and (live is None or len(live) == len(mb)):
             return response_logprobs(self.policy, mb, temp, entropy=True, buckets=buckets)
-        live = live if len(live) else live.new_zeros(1)
-        logp, ent, router = response_logprobs(self.policy, mb.select(live), temp, entropy=True, buckets=buckets)
-        full = logp.new_zeros(len(mb), logp.shape[1]).index_put((live.to(logp.device),), logp)  # (N, T)
-        entropy = mb.token_entropy.to(ent).index_put((live.to(ent.device),), ent)  # (N, T)
-        return full, entropy, router
+        groups = [p for p in parts if p is not None] or [live if len(live) else live.new_zeros(1)]
+        logp = entropy = None
+        router = []
+        for rows in groups:
+            lp, ent, metrics = response_logprobs(self.policy, mb.select(rows), temp, entropy=True, buckets=buckets)
+            if logp is None:  # (N, T): every part keeps the minibatch's width
+                logp = lp.new_zeros(len(mb), lp.shape[1])
+                entropy = mb.token_entropy.to(ent) if live is not None else ent.new_zeros(len(mb), ent.shape[1])
+            at = (rows.to(lp.device),)
+            logp, entropy = logp.index_put(at, lp), entropy.index_put(at, ent)
+            router.append((metrics, float(mb.select(rows).attention_mask.sum())))
+        return logp, entropy, weighted_metrics(router)
 
     def _norm_const(self):
         return self.algo.norm_const if self.algo.norm_const is not None else self.cfg.rollout.max_new_tokens

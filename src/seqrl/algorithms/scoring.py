@@ -55,7 +55,7 @@ def _token_logp(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
         return logp, lse - (logits - lse.unsqueeze(-1)).exp_().mul_(logits).sum(-1)  # (N, T)
 
 
-def _weighted(parts: list[tuple[dict, float]]) -> dict:
+def weighted_metrics(parts: list[tuple[dict, float]]) -> dict:
     """Token-weighted mean of router-metric dicts [(metrics, tokens)]."""
     total = sum(w for m, w in parts if m) or 1.0
     keys = {k for m, _ in parts for k in m}
@@ -145,4 +145,4 @@ def response_logprobs(policy, batch, temperature: float, entropy: bool = False, 
         router.append((metrics, float(sub.attention_mask.sum())))
     inverse = order.argsort()  # (N,) back to the batch's row order
     logp = torch.cat(parts)[inverse]  # (N, T)
-    return logp, torch.cat(ents)[inverse] if entropy else None, _weighted(router)
+    return logp, torch.cat(ents)[inverse] if entropy else None, weighted_metrics(router)

@@ -192,11 +192,15 @@ def test_two_gloo_ranks_shard_generate_and_export_exactly(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def _train(out: Path, trainer: str) -> dict:
-    exe = Path(sys.executable).with_name("seqrl-train")
+def _train(out: Path, trainer: str, *extra: str) -> dict:
+    """seqrl-train with the `replay` rollout (tests/fixtures/replay_train.py): fixed responses with rewards that
+    vary in every group, so both steps update and both runs train on the same tokens, whatever the float noise
+    between their weights would make a sampler draw."""
+    script = ROOT / "tests" / "fixtures" / "replay_train.py"
     overrides = [o for o in tiny_overrides(out) if not o.startswith("paths.output_dir")]
-    cmd = [str(exe), *overrides, f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=2",
-           "trainer.precision=32-true", "algorithm=grpo", f"hydra.run.dir={out}"]  # grpo: KL to a sharded reference
+    cmd = [sys.executable, str(script), *overrides, f"trainer={trainer}", "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.precision=32-true", "rollout.name=replay", f"hydra.run.dir={out}",
+           "algorithm=grpo", *extra]  # grpo: KL to a sharded reference
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ})
     first = proc.stderr.find("Traceback")  # the rank that failed first, then how the run ended
     assert proc.returncode == 0, proc.stderr[first:first + 3000] + "\n...\n" + proc.stderr[-1500:]
@@ -207,7 +211,7 @@ def _train(out: Path, trainer: str) -> dict:
 def test_seqrl_train_fsdp_two_processes_ends_where_ddp_does(tmp_path):
     from safetensors.torch import load_file
 
-    fsdp = _train(tmp_path / "fsdp", "fsdp")
+    fsdp = _train(tmp_path / "fsdp", "fsdp", "micro_batch_size=3")  # and its update in parts of <= 3 rows
     ddp = _train(tmp_path / "ddp", "ddp")
     assert fsdp["world_size"] == 2 and fsdp["rl_steps"] == 2
     rows = list(csv.DictReader(next((tmp_path / "fsdp" / "csv").rglob("metrics.csv")).open()))

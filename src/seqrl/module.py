@@ -257,7 +257,7 @@ class RLModule(L.LightningModule):
             return None
         return (adv != 0).nonzero().squeeze(1)
 
-    def _micro_parts(self, mb, live: torch.Tensor | None) -> list[torch.Tensor]:
+    def _micro_parts(self, mb, live: torch.Tensor | None) -> list[torch.Tensor | None]:
         """The rows of minibatch `mb` to back-propagate, in parts of at most `micro_batch_size` rows; [] when one
         forward takes them all. Every data-parallel rank makes as many parts as the rank that needs most (DDP
         reduces gradients once per backward); an empty part is row 0 with a zero gradient."""
@@ -295,13 +295,14 @@ class RLModule(L.LightningModule):
         logp = entropy = None
         router = []
         for rows in groups:
-            lp, ent, metrics = response_logprobs(self.policy, mb.select(rows), temp, entropy=True, buckets=buckets)
+            sub = mb.select(rows)
+            lp, ent, metrics = response_logprobs(self.policy, sub, temp, entropy=True, buckets=buckets)
             if logp is None:  # (N, T): every part keeps the minibatch's width
                 logp = lp.new_zeros(len(mb), lp.shape[1])
                 entropy = mb.token_entropy.to(ent) if live is not None else ent.new_zeros(len(mb), ent.shape[1])
             at = (rows.to(lp.device),)
             logp, entropy = logp.index_put(at, lp), entropy.index_put(at, ent)
-            router.append((metrics, float(mb.select(rows).attention_mask.sum())))
+            router.append((metrics, float(sub.attention_mask.sum())))
         return logp, entropy, weighted_metrics(router)
 
     def _norm_const(self):

@@ -101,13 +101,17 @@ def test_engine_dispatch_and_training_mode_restored(monkeypatch):
         RolloutConfig(engine="tgi")
 
 
+@pytest.mark.parametrize("copy", [True, False])  # q|k|v and gate|up on concatenated weight copies, or not
 @pytest.mark.parametrize("family", ["dense", "moe", "vl"])
-def test_fast_decoder_steps_give_the_transformers_forward_logits(family):
+def test_fast_decoder_steps_give_the_transformers_forward_logits(family, copy, monkeypatch):
     """FastDecoder (slab cache, own attention) against the model's forward on its DynamicCache, fed the same tokens:
     left-padded prompts, images (vl), a compaction that drops and duplicates rows, an EqLen-style row copy, and
     more steps than the slab's room (it grows)."""
+    from seqrl.algorithms import layers
     from seqrl.algorithms.decode import DecodeRows
     from seqrl.algorithms.rollout import _encode
+
+    monkeypatch.setattr(layers, "FUSE_MAX_BYTES", layers.FUSE_MAX_BYTES if copy else 0)
 
     policy = make_policy(family)
     samples = [dataclasses.replace(s, prompt=s.prompt + " ok" * i) for i, s in enumerate(samples_for(family, 3))]
@@ -115,7 +119,7 @@ def test_fast_decoder_steps_give_the_transformers_forward_logits(family):
     assert bool((enc["attention_mask"] == 0).any())  # prompts of different lengths: left padding to mask
     with torch.no_grad():
         fast, slow = (DecodeRows(policy.model, enc, policy.family, n=2, room=3, fast=f) for f in (True, False))
-        assert fast.fast is not None and slow.fast is None
+        assert fast.fast is not None and slow.fast is None and all(f.copied == copy for f in fast.fast.fused)
         gen = torch.Generator().manual_seed(0)
         for t in range(7):
             torch.testing.assert_close(fast.logits, slow.logits, rtol=1e-5, atol=1e-5)

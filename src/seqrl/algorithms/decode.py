@@ -24,6 +24,8 @@ dead rows dominate. Here:
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 
 import torch
@@ -190,6 +192,30 @@ class DecodeRows:
         self.next_pos = self.next_pos + 1
 
 
+def inference(fn):
+    """`fn` under `torch.inference_mode` (no version counters or autograd metadata per op: a tiny_dense decode step
+    of one row 0.48 -> 0.39 ms), its tensor results (also a dataclass's) cloned to normal tensors, which autograd
+    may save later (an inference tensor cannot be saved for backward)."""
+
+    def plain(x):
+        if isinstance(x, torch.Tensor):
+            return x.clone() if x.is_inference() else x
+        if isinstance(x, tuple):
+            return tuple(map(plain, x))
+        if dataclasses.is_dataclass(x):
+            return dataclasses.replace(x, **{f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)
+                                             if isinstance(getattr(x, f.name), torch.Tensor)})
+        return x
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return plain(out)
+
+    return wrapper
+
+
 def suppress_mask(model, vocab: int) -> torch.Tensor | None:
     """(V,) bool mask of the model's generation_config.suppress_tokens, or None when there are none."""
     suppressed = list(model.generation_config.suppress_tokens or [])
@@ -200,7 +226,7 @@ def suppress_mask(model, vocab: int) -> torch.Tensor | None:
     return mask
 
 
-@torch.no_grad()
+@inference
 def decode(policy, enc: dict, *, n: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
            top_k: int = 0, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """n independent responses per prompt of `enc` (Policy.encode_prompts output, one row per prompt).

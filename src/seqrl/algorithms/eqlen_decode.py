@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from seqrl.algorithms.decode import DecodeRows, sample_next, suppress_mask
+from seqrl.algorithms.decode import DecodeRows, inference, sample_next, suppress_mask
 
 UNPAIRED = ("stop", "untrained")
 
@@ -111,7 +111,7 @@ class _Pairing:
         return drop, forks
 
 
-@torch.no_grad()
+@inference
 def eqlen_decode(policy, enc: dict, *, n: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, greedy: bool = False, max_forks: int = 8, unpaired: str = "stop",
                  on_fork: Callable[[int, torch.Tensor], None] | None = None) -> Trace:

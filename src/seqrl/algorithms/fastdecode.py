@@ -2,73 +2,29 @@
 
 One token per row through a pre-norm decoder (RMSNorm -> q/k/v projections (+ optional per-head q/k norms) ->
 rotary embedding -> grouped-query attention -> o_proj -> residual -> RMSNorm -> MLP or MoE block -> residual), as
-Llama, Mistral (no sliding window), Qwen2, Qwen3, Qwen3-MoE and Qwen2.5-VL's text decoder define it. Every
-sub-module is the model's own (norms, projections, rotary embedding, `apply_rotary_pos_emb` of the model's
-modelling file, MLP/MoE block, LM head); only the attention and the cache are ours:
+Llama, Mistral (no sliding window), Qwen2, Qwen3, Qwen3-MoE and Qwen2.5-VL's text decoder define it, with the
+layer arithmetic of `seqrl.algorithms.layers` (fused q|k|v and gate|up GEMMs, joint q/k norm and rotary
+embedding, residuals inside the GEMMs; the model's weights, rotary cos/sin, MoE blocks and LM head). Ours:
 
 - keys/values live in a pre-allocated slab (rows, kv_heads, capacity, head_dim) per layer: a step writes one
   position in place (transformers' DynamicCache concatenates the whole cache every step);
 - attention of the single query is two batched matmuls over the filled part, with the query heads of one
-  key/value head side by side (no repeated keys), an additive bias for the prompts' left padding, softmax in
-  float32 as the eager attention does.
+  key/value head side by side (no repeated keys), the scale and an additive bias for the prompts' left padding
+  inside the first (`baddbmm`), softmax in float32 as the eager attention does.
 
-`supported`, `rope_of` and `rms_norm` are shared with `seqrl.algorithms.packed` (scoring). The logits equal the
-transformers forward's up to float rounding (tests/test_decode.py: 1e-5 on dense, moe and
+The logits equal the transformers forward's up to float rounding (tests/test_decode.py: 1e-5 on dense, moe and
 vl). Any other model (sliding windows, soft-capping, other layer layouts, flash/flex attention) keeps the
-transformers forward: `FastDecoder.build` returns None.
+transformers forward: `FastDecoder.build` returns None. `supported` is shared with `seqrl.algorithms.packed`.
 """
 from __future__ import annotations
-
-import sys
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 
+from seqrl.algorithms.layers import FusedLayer, add_linear, rms_norm, signed_sin
+
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qwen2_5_vl", "qwen2_5_vl_text"}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # cos/sin of a position do not depend on the sequence length
-
-
-class _RMSNorm(torch.autograd.Function):
-    """y = w * (x * rsqrt(mean(x^2) + eps)) as the Llama/Qwen RMSNorm modules compute it (in float32, the
-    normalised value cast back to x's dtype before the weight), with a hand-written backward from the saved
-    normalised input and scale: about 8 kernels instead of autograd's chain through pow/mean/rsqrt/mul (3.6x faster
-    forward + backward on a (2441, 128) float32 input on CPU). Used by this step and by `seqrl.algorithms.packed`."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        xn, r = _normalised(x, eps)
-        ctx.save_for_backward(xn, r, weight)
-        ctx.dtype = x.dtype
-        return weight * xn.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        xn, r, weight = ctx.saved_tensors
-        g = (dy * weight).float()
-        dx = r * (g - xn * (g * xn).mean(-1, keepdim=True))
-        dw = (dy * xn.to(ctx.dtype)).reshape(-1, xn.shape[-1]).sum(0).to(weight.dtype)
-        return dx.to(ctx.dtype), dw, None
-
-
-def _normalised(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.float()
-    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-    return xf * r, r
-
-
-def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` for a Llama/Qwen RMSNorm module `norm` (weight over the last dim, `variance_epsilon`); without
-    autograd (decoding, reference log-probs) torch's fused rms_norm kernel for the normalised float32 value (2.9x
-    faster than the module's pow/mean/rsqrt/mul chain on a (2441, 128) input), then the module's cast and weight."""
-    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
-        return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
-    xn = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), None, norm.variance_epsilon)  # one fused kernel
-    return norm.weight * xn.to(x.dtype)
-
-
-def rope_of(decoder):
-    """`apply_rotary_pos_emb` of the decoder's own modelling file."""
-    return sys.modules[type(decoder.layers[0].self_attn).__module__].apply_rotary_pos_emb
 
 
 def supported(model, decoder) -> bool:
@@ -95,6 +51,8 @@ def supported(model, decoder) -> bool:
             "q_norm", "k_norm"))]
         if not all(_is_rms_norm(n) for n in norms if n is not None):
             return False
+        if hasattr(attn, "q_norm") and attn.q_norm.variance_epsilon != attn.k_norm.variance_epsilon:
+            return False  # the step normalises queries and keys in one call
     return _is_rms_norm(decoder.norm)
 
 
@@ -109,7 +67,6 @@ class FastDecoder:
 
     def __init__(self, model, decoder, cache, mask: torch.Tensor, room: int, repeat: int):
         self.model, self.decoder = model, decoder
-        self.rope = rope_of(decoder)
         self.filled = mask.shape[1]
         capacity = self.filled + room
         self.kv = []
@@ -120,9 +77,12 @@ class FastDecoder:
                 buf.view(x.shape[0], repeat, *buf.shape[1:])[:, :, :, :self.filled] = x.unsqueeze(1)  # one copy
                 bufs.append(buf)
             self.kv.append(bufs)
-        self.bias = torch.zeros(mask.shape[0], capacity, device=mask.device)  # (rows, capacity) additive
-        self.bias[:, :self.filled].masked_fill_(mask == 0, -float("inf"))
-        self.rope_table = None  # (cos, sin) (L, head_dim) of positions 0..L-1, built at the first step
+        self.kv_heads = self.kv[0][0].shape[1]
+        bias = torch.zeros(mask.shape[0], capacity, device=mask.device)  # (rows, capacity) additive
+        bias[:, :self.filled].masked_fill_(mask == 0, -float("inf"))
+        self.bias = bias.repeat_interleave(self.kv_heads, 0)[:, None]  # (rows * kv_heads, 1, capacity): per bmm
+        self.rope_table = None  # (cos, signed sin) (L, head_dim) of positions 0..L-1, built at the first step
+        self.fused = FusedLayer.of(decoder)
 
     @classmethod
     def build(cls, model, cache, mask: torch.Tensor, room: int, repeat: int = 1) -> "FastDecoder | None":
@@ -133,11 +93,15 @@ class FastDecoder:
             return None
         return cls(model, decoder, cache, mask, room, repeat)
 
+    def _bias_rows(self) -> torch.Tensor:
+        """The padding bias per row: (rows, kv_heads, capacity), a view."""
+        return self.bias.view(-1, self.kv_heads, self.bias.shape[-1])
+
     def select(self, idx: torch.Tensor) -> None:
         """Keep (and duplicate) rows `idx`."""
         idx = idx.to(self.bias.device)
         self.kv = [[b.index_select(0, idx) for b in bufs] for bufs in self.kv]
-        self.bias = self.bias.index_select(0, idx)
+        self.bias = self._bias_rows().index_select(0, idx).flatten(0, 1)[:, None]
 
     def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Row dst becomes a copy of row src (an EqLen fork)."""
@@ -145,50 +109,48 @@ class FastDecoder:
         for bufs in self.kv:
             for b in bufs:
                 b[dst] = b[src]
-        self.bias[dst] = self.bias[src]
+        rows = self._bias_rows()
+        rows[dst] = rows[src]
 
     def _grow(self) -> None:
         self.kv = [[torch.cat([b, torch.empty_like(b)], 2) for b in bufs] for bufs in self.kv]
-        self.bias = torch.cat([self.bias, torch.zeros_like(self.bias)], 1)
+        self.bias = torch.cat([self.bias, torch.zeros_like(self.bias)], 2)
         self.rope_table = None  # positions may now pass the table's end
 
     def _rotary(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (rows, 1, head_dim) at `positions`: 1-D positions with a static rope read a table the model's
-        rotary embedding filled once (the same values: cos/sin of position * inv_freq), mrope calls it each step."""
+        """cos and sin with its first half negated, (rows, 1, head_dim) at `positions`: 1-D positions with a static
+        rope read a table the model's rotary embedding filled once (the same values: cos/sin of position *
+        inv_freq), mrope calls it each step."""
         rotary = self.decoder.rotary_emb
         if positions.dim() != 1 or getattr(rotary, "rope_type", None) not in STATIC_ROPE:
-            return rotary(h, positions[..., None])
+            cos, sin = rotary(h, positions[..., None])
+            return cos, signed_sin(sin)
         if self.rope_table is None:  # every position until the slab is full: each step adds 1
-            length = int(positions.max()) + self.bias.shape[1] - self.filled + 1
+            length = int(positions.max()) + self.bias.shape[-1] - self.filled + 1
             cos, sin = rotary(h[:1], torch.arange(length, device=h.device)[None])  # (1, L, head_dim)
-            self.rope_table = cos[0], sin[0]
+            self.rope_table = cos[0], signed_sin(sin[0])
         return tuple(t[positions].unsqueeze(1) for t in self.rope_table)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (rows, V) after feeding `tokens` (rows,) at `positions` ((rows,) or (3, rows) for mrope)."""
-        if self.filled == self.bias.shape[1]:
+        if self.filled == self.bias.shape[-1]:
             self._grow()
         n = self.filled + 1
         h = self.decoder.embed_tokens(tokens[:, None])  # (rows, 1, d)
         cos, sin = self._rotary(h, positions)
-        bias = self.bias[:, None, None, :n]  # (rows, 1, 1, n)
+        bias = self.bias[..., :n]  # (rows * kv_heads, 1, n)
         rows = h.shape[0]
-        for layer, (kb, vb) in zip(self.decoder.layers, self.kv):
-            attn = layer.self_attn
-            x = rms_norm(layer.input_layernorm, h)
-            shape = (rows, 1, -1, attn.head_dim)
-            q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
-            if hasattr(attn, "q_norm"):
-                q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
-            q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (rows, heads, 1, head_dim)
-            kb[:, :, self.filled] = k[:, :, 0]
-            vb[:, :, self.filled] = v[:, 0]
-            keys, values = kb[:, :, :n], vb[:, :, :n]  # (rows, kv_heads, n, head_dim)
-            q = q.reshape(rows, keys.shape[1], -1, attn.head_dim)  # (rows, kv_heads, group, head_dim)
-            scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(attn.scaling).add_(bias)
+        for layer, fused, (kb, vb) in zip(self.decoder.layers, self.fused, self.kv):
+            q, k, v = fused.attention_inputs(h[:, 0], cos, sin)  # (rows, heads | kv_heads, dim)
+            kv_heads, dim = k.shape[1], k.shape[2]
+            kb[:, :, self.filled] = k
+            vb[:, :, self.filled] = v
+            q = q.reshape(rows * kv_heads, -1, dim)  # (rows * kv, group, dim): kv head j's queries side by side
+            keys, values = (b.view(rows * kv_heads, -1, dim)[:, :n] for b in (kb, vb))  # (rows * kv, n, dim)
+            scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=layer.self_attn.scaling)  # (rows*kv, g, n)
             probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(probs, values).reshape(rows, 1, -1)  # heads in order: kv head j serves j*group + i
-            h = h + attn.o_proj(out)
-            h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
+            h = add_linear(h, torch.bmm(probs, values).view(rows, 1, -1), layer.self_attn.o_proj)  # heads in order
+            h = fused.mlp_residual(h)
         self.filled = n
         return self.model.lm_head(rms_norm(self.decoder.norm, h))[:, 0]
+

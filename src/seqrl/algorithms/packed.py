@@ -8,16 +8,18 @@ with SDPA (prompt padding masked, causal over the response), and the output is g
 language-model head runs on the R - N tokens that predict a next response token. With 20-40% of response slots
 padding in a typical RL batch (responses end at different lengths) this cuts that share of the token-wise work.
 
-The sub-modules are the model's own (norms, projections, `apply_rotary_pos_emb` of its modelling file, rotary
-embedding, MLP); the layouts taken are those of `seqrl.algorithms.fastdecode` (`supported`). Values and gradients
-equal the transformers forward's up to float rounding (tests/test_logprobs.py).
+The layer arithmetic is `seqrl.algorithms.layers` (the model's weights and rotary cos/sin; fused q|k|v and
+gate|up GEMMs, joint q/k norm and rotary embedding, residuals inside the GEMMs), on the layouts of
+`seqrl.algorithms.fastdecode.supported`. Values and gradients equal the transformers forward's up to float
+rounding (tests/test_logprobs.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from seqrl.algorithms.fastdecode import rms_norm, rope_of, supported
+from seqrl.algorithms.fastdecode import supported
+from seqrl.algorithms.layers import FusedLayer, add_linear, rms_norm, signed_sin
 
 
 def packed_responses(model, cache, responses: torch.Tensor, live: torch.Tensor, prompt_mask: torch.Tensor,
@@ -38,23 +40,16 @@ def packed_responses(model, cache, responses: torch.Tensor, live: torch.Tensor, 
     P = prompt_mask.shape[1]
     h = decoder.embed_tokens(responses[rows, cols])  # (R, d)
     cos, sin = decoder.rotary_emb(h, positions[..., rows, cols].unsqueeze(-2))  # (1, R, head_dim)
+    cos, sin = cos[0].unsqueeze(1), signed_sin(sin[0]).unsqueeze(1)  # (R, 1, head_dim): broadcast over heads
     causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
     mask = torch.cat([prompt_mask.bool()[:, None, None, :].expand(N, 1, T, P), causal.expand(N, 1, T, T)], -1)
-    rope = rope_of(decoder)
-    for layer, kv in zip(decoder.layers, cache.layers):
-        attn = layer.self_attn
-        x = rms_norm(layer.input_layernorm, h)
-        shape = (1, x.shape[0], -1, attn.head_dim)
-        q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
-        if hasattr(attn, "q_norm"):
-            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
-        q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (1, heads, R, head_dim)
-        q, k, v = (_pad(z, rows, cols, N, T) for z in (q[0].transpose(0, 1), k[0].transpose(0, 1), v[0]))
+    for layer, fused, kv in zip(decoder.layers, FusedLayer.of(decoder), cache.layers):
+        q, k, v = (_pad(z, rows, cols, N, T) for z in fused.attention_inputs(h, cos, sin))  # (N, heads, T, dim)
         keys, values = torch.cat([kv.keys, k], 2), torch.cat([kv.values, v], 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.self_attn.scaling,
                                              enable_gqa=q.shape[1] != keys.shape[1])  # (N, heads, T, head_dim)
-        h = h + attn.o_proj(out.transpose(1, 2).reshape(N * T, -1).index_select(0, flat))  # (R, heads * head_dim)
-        h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
+        h = add_linear(h, out.transpose(1, 2).reshape(N * T, -1).index_select(0, flat), layer.self_attn.o_proj)
+        h = fused.mlp_residual(h)
     return rms_norm(decoder.norm, h), rows, cols
 
 

@@ -13,7 +13,7 @@ from seqrl.algorithms import layers
 from seqrl.algorithms.fastdecode import SUPPORTED
 
 
-@pytest.mark.parametrize("model_type", sorted(SUPPORTED - {"qwen2_5_vl_text"}))  # the vl text decoder's file: qwen2_5_vl
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED - {"qwen2_5_vl_text"}))  # its file: qwen2_5_vl
 def test_rope_is_each_supported_modelling_files_apply_rotary_pos_emb_to_the_bit(model_type):
     modelling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     gen = torch.Generator().manual_seed(0)
@@ -73,3 +73,29 @@ def test_add_linear_puts_the_residual_in_the_gemm_or_adds_it_after_a_bias():
     for bias in (False, True):
         linear = torch.nn.Linear(5, 6, bias=bias)
         torch.testing.assert_close(layers.add_linear(h, x, linear), h + linear(x))
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_prefill_runs_the_packed_layers_on_dense_decoders_with_the_transformers_values(family, monkeypatch):
+    """Left-padded prompts: the last position's logits and the cache at real positions equal the transformers
+    forward's (padded positions hold zeros, masked by every later attention); an MoE decoder takes the forward."""
+    from seqrl.algorithms.decode import prompt_inputs
+    from seqrl.algorithms.packed import prefill
+
+    model = make_policy(family).model
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (torch.arange(5) >= torch.tensor([[2], [0]])).long()  # row 0 left-padded by 2
+    kw = prompt_inputs(model, family, {"input_ids": ids, "attention_mask": mask})
+    kw.pop("output_router_logits", None)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
+        calls = []
+        monkeypatch.setattr(type(model), "forward", lambda *a, **k: calls.append(1) or want)  # counts forwards
+        logits, cache = prefill(model, ids, mask, kw)
+    assert len(calls) == (family == "moe")
+    torch.testing.assert_close(logits, want.logits[:, -1], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(cache.layers, want.past_key_values.layers):
+        for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            real = mask.bool()[:, None, :, None].expand_as(b)
+            torch.testing.assert_close(a[real], b[real], rtol=1e-5, atol=1e-5)
+            assert family == "moe" or bool((a[~real] == 0).all())

@@ -4,7 +4,8 @@
 stopping criteria as Python objects each step; on the small models and short budgets of RL that overhead and the
 dead rows dominate. Here:
 
-- prefill once per prompt (images encoded once), then the cache rows are repeated for the n responses;
+- prefill once per prompt (`seqrl.algorithms.packed.prefill`: images encoded once), then the cache rows are
+  repeated for the n responses;
 - every step samples one token per running row (temperature, top-k, top-p and the model's `suppress_tokens`,
   in the order and with the arithmetic of HF `generate`, so the re-scoring `Policy.forward` at the same
   temperature sees the sampling distribution when top-k/top-p are off); the draw is `draw` (inverse CDF, one
@@ -31,6 +32,7 @@ import time
 import torch
 
 from seqrl.algorithms.fastdecode import FastDecoder
+from seqrl.algorithms.packed import prefill
 from seqrl.models import get_family
 
 COMPACT_FRAC = 0.25  # compact the cache when more than this share of its rows are free slots
@@ -120,7 +122,8 @@ class DecodeRows:
     in-place copy of the parent's cache row) or free slots exceed COMPACT_FRAC of the batch, when the cache is
     compacted: one cache copy per compaction instead of one per finished track.
 
-    The prefill is the model's forward (images, mrope positions); the steps run `FastDecoder` (its slab cache) when
+    The prefill is `packed.prefill` (the packed layers for text prompts of a supported dense decoder when `fast` is
+    on, else the model's forward: images, mrope positions); the steps run `FastDecoder` (its slab cache) when
     the model is a supported llama-style decoder and `fast` is on, else the model's forward on its DynamicCache.
     `room`: the steps to come (the fast path's cache capacity; it grows past it).
     """
@@ -129,13 +132,13 @@ class DecodeRows:
         ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
         kw = prompt_inputs(model, family, enc)
         kw.pop("output_router_logits", None)
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
-        self.logits = out.logits[:, -1].repeat_interleave(n, 0)  # (B*n, V)
+        logits, cache = prefill(model, ids, mask, kw, packed=fast)
+        self.logits = logits.repeat_interleave(n, 0)  # (B*n, V)
         self.mask = mask.repeat_interleave(n, 0)  # (B*n, P+t); with the fast path the prompts' (B*n, P)
-        self.fast = FastDecoder.build(model, out.past_key_values, self.mask, room, n) if fast else None
+        self.fast = FastDecoder.build(model, cache, self.mask, room, n) if fast else None
         self.cache = None  # with the fast path, its slab holds the keys and values
         if self.fast is None:
-            self.cache = out.past_key_values
+            self.cache = cache
             self.cache.batch_repeat_interleave(n)
         self.next_pos = (kw["position_ids"][..., -1] + 1).repeat_interleave(n, -1)  # (B*n,) or (3, B*n)
         self.track = torch.arange(ids.shape[0] * n)  # (rows,) track id of each slot, -1 = free

@@ -117,7 +117,8 @@ class FusedLayer:
         self.qk_norm = self.eps = None
         if hasattr(attn, "q_norm"):
             heads = attn.q_proj.out_features // attn.head_dim
-            self.qk_norm = torch.cat([attn.q_norm.weight.expand(heads, -1), attn.k_norm.weight.expand(self.kv_heads, -1)])
+            self.qk_norm = torch.cat([attn.q_norm.weight.expand(heads, -1),
+                                      attn.k_norm.weight.expand(self.kv_heads, -1)])
             self.eps = attn.q_norm.variance_epsilon  # = k_norm's (`fastdecode.supported`)
         self.gate_up = _concat((mlp.gate_proj, mlp.up_proj), copy) if is_dense_mlp(mlp) else None
 

@@ -9,7 +9,7 @@ float rounding, tests/test_logprobs.py):
 - columns that are padding in every row are cut (left prompt padding, right response padding); with `buckets` > 1
   rows are sorted by length and scored in `buckets` forwards, each cut to its own longest row;
 - shared prompts are encoded once: a group's G rows share one prompt, so the prompt runs once per distinct prompt
-  (with gradient), its KV cache is repeated to the rows (`_repeat_rows`, differentiable), and only the responses
+  (with gradient; `seqrl.algorithms.packed.prefill`), its KV cache is repeated to the rows (`_repeat_rows`, differentiable), and only the responses
   run per row, with explicit positions continuing the prompt's (`seqrl.algorithms.decode.prompt_inputs`). The
   first response token is predicted from the prompt forward's last position. Not for moe models, whose router
   aux loss needs one attention mask over all tokens of a forward, nor under activation checkpointing, which keeps
@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from seqrl.algorithms.decode import prompt_inputs
-from seqrl.algorithms.packed import packed_responses
+from seqrl.algorithms.packed import packed_responses, prefill
 
 
 def trim_padding(batch) -> tuple:
@@ -101,15 +101,13 @@ def _shared_prompts(policy, batch, temperature: float, entropy: bool):
     kw = prompt_inputs(model, policy.family, enc)
     if kw.get("output_router_logits"):  # moe: the router aux loss needs one mask over all tokens of one forward
         return None
-    pre = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=True, logits_to_keep=1,
-                **kw)
-    cache = pre.past_key_values
+    logits, cache = prefill(model, enc["input_ids"], enc["attention_mask"], kw)  # (U, V), the prompts' cache
     if cache is None:  # a wrapper that turned the cache off
         return None
     _repeat_rows(cache, inverse.to(prompts.device), len(uniq))  # (N rows): gradients flow back to the prompt forward
     start = (kw["position_ids"][..., -1] + 1)[..., inverse]  # (N,) or (3, N): the first response position
     positions = start.unsqueeze(-1) + torch.arange(T, device=start.device)  # (N, T) or (3, N, T)
-    first_lp, first_ent = _token_logp(pre.logits[inverse], batch.responses[:, :1], temperature, entropy)  # (N, 1)
+    first_lp, first_ent = _token_logp(logits[inverse, None], batch.responses[:, :1], temperature, entropy)
     live = batch.attention_mask[:, P:].bool()  # (N, T) the attended response tokens
     packed = packed_responses(model, cache, batch.responses, live, batch.attention_mask[:, :P], positions)
     if packed is not None:  # the real tokens only (seqrl.algorithms.packed)

@@ -137,6 +137,28 @@ def test_fast_decoder_steps_give_the_transformers_forward_logits(family, copy, m
             slow.step(policy.model, tok)
 
 
+@pytest.mark.parametrize("family", ["dense", "moe", "vl"])
+def test_fast_decoder_in_bfloat16_gives_the_transformers_forward_logits_to_a_bf16_ulp(family):
+    """Real checkpoints decode in bfloat16: the padding bias, fused weight copies and norms follow the model's dtype
+    (a float32 bias once broke the scores' baddbmm), and the logits stay within ~2 ulps (1/64 near 1) of the
+    transformers forward's, whose roundings differ."""
+    from seqrl.algorithms.decode import DecodeRows
+    from seqrl.algorithms.rollout import _encode
+
+    policy = make_policy(family)
+    policy.model.to(torch.bfloat16)
+    enc = _encode(policy, [dataclasses.replace(s, prompt=s.prompt + " ok" * i)
+                           for i, s in enumerate(samples_for(family, 2))])
+    with torch.no_grad():
+        fast, slow = (DecodeRows(policy.model, enc, policy.family, n=2, room=3, fast=f) for f in (True, False))
+        for _ in range(5):
+            assert fast.logits.dtype == torch.bfloat16
+            torch.testing.assert_close(fast.logits.float(), slow.logits.float(), rtol=0, atol=1 / 64)
+            tok = slow.logits.argmax(-1)
+            fast.step(policy.model, tok)
+            slow.step(policy.model, tok)
+
+
 def test_fast_decoder_only_for_the_layouts_it_implements():
     from seqrl.algorithms.fastdecode import FastDecoder
 

@@ -78,7 +78,7 @@ class FastDecoder:
                 bufs.append(buf)
             self.kv.append(bufs)
         self.kv_heads = self.kv[0][0].shape[1]
-        bias = torch.zeros(mask.shape[0], capacity, device=mask.device)  # (rows, capacity) additive
+        bias = torch.zeros(mask.shape[0], capacity, device=mask.device, dtype=self.kv[0][0].dtype)  # additive
         bias[:, :self.filled].masked_fill_(mask == 0, -float("inf"))
         self.bias = bias.repeat_interleave(self.kv_heads, 0)[:, None]  # (rows * kv_heads, 1, capacity): per bmm
         self.rope_table = None  # (cos, signed sin) (L, head_dim) of positions 0..L-1, built at the first step

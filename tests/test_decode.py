@@ -172,6 +172,10 @@ def test_fast_decoder_only_for_the_layouts_it_implements():
     policy.model.get_decoder().layers[0].self_attn.sliding_window = 16
     assert FastDecoder.build(policy.model, out.past_key_values, mask, 4) is None
     policy.model.get_decoder().layers[0].self_attn.sliding_window = None
+    attn = policy.model.get_decoder().layers[0].self_attn
+    attn.k_norm.variance_epsilon = attn.q_norm.variance_epsilon * 2  # the step normalises q and k in one call
+    assert FastDecoder.build(policy.model, out.past_key_values, mask, 4) is None
+    attn.k_norm.variance_epsilon = attn.q_norm.variance_epsilon
     policy.model.config.attention_dropout = 0.1  # the transformers forward applies it in training mode
     assert FastDecoder.build(policy.model, out.past_key_values, mask, 4) is None
 

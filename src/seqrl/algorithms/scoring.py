@@ -9,9 +9,10 @@ float rounding, tests/test_logprobs.py):
 - columns that are padding in every row are cut (left prompt padding, right response padding); with `buckets` > 1
   rows are sorted by length and scored in `buckets` forwards, each cut to its own longest row;
 - shared prompts are encoded once: a group's G rows share one prompt, so the prompt runs once per distinct prompt
-  (with gradient; `seqrl.algorithms.packed.prefill`), its KV cache is repeated to the rows (`_repeat_rows`, differentiable), and only the responses
-  run per row, with explicit positions continuing the prompt's (`seqrl.algorithms.decode.prompt_inputs`). The
-  first response token is predicted from the prompt forward's last position. Not for moe models, whose router
+  (with gradient; `seqrl.algorithms.packed.prefill`), its KV cache is repeated to the rows (`_repeat_rows`,
+  differentiable), and only the responses run per row, with explicit positions continuing the prompt's
+  (`seqrl.algorithms.decode.prompt_inputs`). The first response token is predicted from the prompt forward's last
+  position. Not for moe models, whose router
   aux loss needs one attention mask over all tokens of a forward, nor under activation checkpointing, which keeps
   no cache (both take the full-width path);
 - after the shared prompt, a llama-style decoder (dense, vl) runs the responses as one flat list of their real

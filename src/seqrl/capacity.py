@@ -16,8 +16,9 @@ S = N under trainer=fsdp (seqrl.distributed.FSDP2Strategy; 1 otherwise: every re
 - activations: per forward, a PPO minibatch (prompts_per_step x G / (N x ppo_minibatches) rows) or micro_batch_size
   rows (`RLModule._backward_in_parts`), prompt + max_new_tokens tokens each: with activation checkpointing every
   layer keeps its input (hidden x compute bytes per token) and one layer is recomputed at a time, its working set
-  counted twice (forward + backward); without it every layer keeps its working set. Working set per token and layer: compute bytes x (6 hidden + 2 kv_heads x head_dim +
-  4 x MLP width), MLP width = intermediate (dense) or top-k x expert intermediate (MoE), plus fp32 router logits;
+  counted twice (forward + backward); without it every layer keeps its working set. Working set per token and
+  layer: compute bytes x (6 hidden + 2 kv_heads x head_dim + 4 x MLP width), MLP width = intermediate (dense) or
+  top-k x expert intermediate (MoE), plus fp32 router logits;
 - logits: tokens x vocab x compute bytes for the model's output, plus response tokens x vocab x 8 for the fp32
   copy `response_logprobs` makes and its gradient.
 Peak = max(rollout: states + reference + rollout weights + KV cache, update: states + reference + activations +
